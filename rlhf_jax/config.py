@@ -1,0 +1,275 @@
+"""Config schema shared by `configs/{sft,rm,ppo}.py`, and its validation.
+
+Every field lives here with its default, so `--config.x.y=value` overrides are type-checked
+by ml_collections and `validate` can name any field whose value is not allowed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from rlhf_jax.errors import ConfigError
+
+STAGES = ("pretrain", "sft", "rm", "ppo")
+
+
+def data_spec(path: str = "", **columns) -> ml_collections.ConfigDict:
+  """One dataset: a local json/jsonl/parquet file or directory, or a hub name."""
+  return ml_collections.ConfigDict(dict(
+      path=path,            # '' = none (the embedded task fills it in)
+      split="train",
+      format="",            # '' = from the file suffix
+      columns=ml_collections.ConfigDict(columns),  # logical name -> column name overrides
+      on_bad_row="skip",    # skip (counted and reported) | error
+      max_rows=0,           # 0 = all rows
+  ))
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  """Fields common to all stages, with defaults for the embedded default task."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  # 'default' = the embedded instruction task (no downloads); '' = your own data below.
+  c.task = "default"
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axis overrides, e.g. "embed=fsdp,mlp=tensor,vocab=" ('' = replicate).
+  c.sharding_rules = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"       # used when init_from is '' (random init)
+  c.model.init_from = ""        # local HF dir or a previous stage's workdir ('' = preset)
+  c.model.dtype = "float32"     # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = False         # rematerialise each block in the backward pass
+  c.tokenizer = ""              # HF tokenizer dir; '' = the one next to init_from / the task's
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = data_spec()
+  c.data.eval = data_spec()
+  c.data.max_prompt_len = 32
+  c.data.max_len = 64
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=10, schedule="cosine", final_lr_frac=0.1,
+      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32,          # global, across all devices and hosts
+      grad_accum=1,           # microbatches per update (batch_size % grad_accum == 0)
+      steps=0,                # 0 = epochs * examples / batch_size
+      epochs=1,
+      log_every=10,
+      eval_every=0,           # 0 = only at the end
+      eval_batches=4,
+      ckpt_every=200,         # steps between checkpoints (a final one is always written)
+      keep_checkpoints=2,
+      max_consecutive_skips=5,  # non-finite updates in a row before the run stops
+      progress=True,          # tqdm bar
+  ))
+  return c
+
+
+def _positive(c, path: str, allow_zero: bool = False):
+  value = _get(c, path)
+  ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+  if not ok:
+    raise ConfigError(path, value, "a number >= 0" if allow_zero else "a number > 0")
+
+
+def _choice(c, path: str, choices):
+  value = _get(c, path)
+  if value not in choices:
+    raise ConfigError(path, value, "one of " + ", ".join(repr(x) for x in choices))
+
+
+def _get(c, path: str):
+  node = c
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+def _check_spec(c, path: str, required: bool):
+  spec = _get(c, path)
+  _choice(c, f"{path}.on_bad_row", ("skip", "error"))
+  _choice(c, f"{path}.format", ("", "json", "jsonl", "parquet", "csv"))
+  _positive(c, f"{path}.max_rows", allow_zero=True)
+  if required and not spec.path:
+    raise ConfigError(f"{path}.path", spec.path,
+                      "a dataset (local json/jsonl/parquet file or dir, or a hub name) "
+                      "when config.task=''")
+  if spec.path and (spec.path.startswith(("/", ".", "~")) or os.sep in spec.path[:1]):
+    if not os.path.exists(os.path.expanduser(spec.path)):
+      raise ConfigError(f"{path}.path", spec.path, "an existing file or directory")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field whose value is not allowed."""
+  _choice(c, "stage", STAGES)
+  _choice(c, "task", ("default", ""))
+  for axis in ("data", "fsdp", "tensor"):
+    value = c.mesh[axis]
+    if not isinstance(value, int) or (value < 1 and value != -1):
+      raise ConfigError(f"mesh.{axis}", value, "a positive int, or -1 for 'the rest'")
+  if sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+    raise ConfigError("mesh", dict(c.mesh), "at most one axis set to -1")
+  _choice(c, "model.dtype", ("float32", "bfloat16"))
+  if c.model.init_from and not os.path.isdir(os.path.expanduser(c.model.init_from)):
+    raise ConfigError("model.init_from", c.model.init_from,
+                      "a local HF model directory or a previous stage's workdir")
+  if c.tokenizer and not os.path.isdir(os.path.expanduser(c.tokenizer)):
+    raise ConfigError("tokenizer", c.tokenizer, "a local HF tokenizer directory")
+  _positive(c, "data.max_prompt_len")
+  _positive(c, "data.max_len")
+  if c.data.max_prompt_len >= c.data.max_len:
+    raise ConfigError("data.max_prompt_len", c.data.max_prompt_len,
+                      f"less than data.max_len={c.data.max_len}")
+  for spec_path in ("data.train", "data.eval"):
+    _check_spec(c, spec_path, required=(spec_path == "data.train" and c.task == ""
+                                        and c.stage != "ppo"))
+  _positive(c, "optim.lr")
+  _positive(c, "optim.warmup_steps", allow_zero=True)
+  _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
+  _positive(c, "optim.final_lr_frac", allow_zero=True)
+  _positive(c, "optim.weight_decay", allow_zero=True)
+  _positive(c, "optim.grad_clip", allow_zero=True)
+  for field in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
+                "max_consecutive_skips", "eval_batches"):
+    _positive(c, f"train.{field}")
+  for field in ("steps", "eval_every", "ckpt_every"):
+    _positive(c, f"train.{field}", allow_zero=True)
+  if c.train.batch_size % c.train.grad_accum:
+    raise ConfigError("train.grad_accum", c.train.grad_accum,
+                      f"a divisor of train.batch_size={c.train.batch_size}")
+  validate_stage(c)
+
+
+def sft_config(stage: str = "sft") -> ml_collections.ConfigDict:
+  """SFT (and `pretrain`): InstructGPT trains 16 epochs, cosine to 10 %, dropout 0.2."""
+  c = base_config(stage)
+  c.pipeline = pipeline_config()
+  return c
+
+
+def rm_config() -> ml_collections.ConfigDict:
+  c = base_config("rm")
+  c.rm = ml_collections.ConfigDict(dict(
+      k_max=9,                # InstructGPT: K in [2, 9] responses ranked per prompt
+      normalize="bias",       # bias | bias_gain | none  (measured on data.norm)
+  ))
+  c.data.norm = data_spec()   # demonstrations (prompt/completion) for the normalisation
+  c.optim.lr = 1e-4
+  c.pipeline = pipeline_config()
+  return c
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+  c = base_config("ppo")
+  c.ppo = ml_collections.ConfigDict(dict(
+      reward_from="",         # RM: HF dir or RM workdir
+      value_from="",          # value model init ('' = the reward model, as in InstructGPT)
+      iterations=100,         # rollout + update rounds
+      max_new_tokens=16,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      epochs=1,               # InstructGPT: 1 PPO epoch per batch
+      minibatches=4,
+      clip_eps=0.2,
+      value_clip_eps=0.2,
+      vf_coef=1.0,
+      value_lr_scale=1.0,     # value-model lr = optim.lr * this
+      gamma=1.0,
+      lam=0.95,
+      whiten_advantages=True,
+      kl_coef=0.02,           # β
+      kl_kind="k1",           # k1 | k2 | k3 estimator in the reward
+      kl_controller="fixed",  # fixed | adaptive (Ziegler et al. 2019)
+      kl_target=6.0,
+      kl_horizon=10000,
+      no_eos_penalty=1.0,     # subtracted from the score of a response without EOS
+      ptx_coef=0.0,           # γ of PPO-ptx (InstructGPT: 27.8); 0 = plain PPO
+      ptx_batch_size=8,       # pretraining sequences per minibatch
+      ema_decay=0.0,          # InstructGPT used 0.992; 0 = off
+  ))
+  c.data.ptx = data_spec()    # plain text for PPO-ptx
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"
+  c.train.log_every = 1
+  c.train.ckpt_every = 20
+  c.pipeline = pipeline_config()
+  return c
+
+
+def pipeline_config() -> ml_collections.ConfigDict:
+  """Sizes of the embedded default task's stages (used only when config.task='default')."""
+  return ml_collections.ConfigDict(dict(
+      corpus_docs=20000, demonstrations=300, rm_prompts=1000, k=4, eval_prompts=256,
+      rm_eval_prompts=200, labeler_temperature=0.15,
+      pretrain_steps=600, pretrain_lr=3e-3,
+      sft_steps=150, sft_lr=1e-3,
+      rm_steps=250, rm_lr=5e-4,
+      ppo_iterations=60,
+      compare_no_ptx=True,    # also train plain PPO to measure the alignment tax
+      evaluate=True,
+  ))
+
+
+def validate_stage(c) -> None:
+  """Stage-specific checks on top of `validate`."""
+  if c.stage == "rm":
+    if not isinstance(c.rm.k_max, int) or c.rm.k_max < 2:
+      raise ConfigError("rm.k_max", c.rm.k_max, "an int >= 2")
+    _choice(c, "rm.normalize", ("bias", "bias_gain", "none"))
+  if c.stage == "ppo":
+    p = c.ppo
+    for f in ("iterations", "max_new_tokens", "temperature", "epochs", "minibatches",
+              "ptx_batch_size", "kl_target", "kl_horizon"):
+      _positive(c, f"ppo.{f}")
+    for f in ("clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "ptx_coef", "top_k",
+              "no_eos_penalty", "value_lr_scale"):
+      _positive(c, f"ppo.{f}", allow_zero=True)
+    if not 0.0 < p.top_p <= 1.0:
+      raise ConfigError("ppo.top_p", p.top_p, "a number in (0, 1]")
+    for f in ("gamma", "lam"):
+      if not 0.0 <= p[f] <= 1.0:
+        raise ConfigError(f"ppo.{f}", p[f], "a number in [0, 1]")
+    if not 0.0 <= p.ema_decay < 1.0:
+      raise ConfigError("ppo.ema_decay", p.ema_decay, "a number in [0, 1)")
+    _choice(c, "ppo.kl_kind", ("k1", "k2", "k3"))
+    _choice(c, "ppo.kl_controller", ("fixed", "adaptive"))
+    if c.train.batch_size % p.minibatches:
+      raise ConfigError("ppo.minibatches", p.minibatches,
+                        f"a divisor of train.batch_size={c.train.batch_size}")
+    if c.data.max_prompt_len + p.max_new_tokens > c.data.max_len:
+      raise ConfigError("ppo.max_new_tokens", p.max_new_tokens,
+                        f"at most data.max_len - data.max_prompt_len = "
+                        f"{c.data.max_len - c.data.max_prompt_len}")
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """`--config=configs/<stage>.py:tiny` shrinks everything to a CI/laptop smoke test."""
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  for variant in variants:
+    if variant == "tiny":
+      c.train.batch_size = 16
+      c.train.log_every = 2
+      c.train.eval_batches = 1
+      c.train.progress = False
+      pc = c.pipeline
+      pc.corpus_docs, pc.demonstrations, pc.rm_prompts = 600, 48, 48
+      pc.eval_prompts, pc.rm_eval_prompts, pc.k = 32, 16, 3
+      pc.pretrain_steps, pc.sft_steps, pc.rm_steps, pc.ppo_iterations = 6, 4, 4, 3
+      if "ppo" in c:
+        c.ppo.iterations = 3
+        c.ppo.minibatches = 2
+        c.ppo.max_new_tokens = 8
+        c.ppo.ptx_batch_size = 4
+      if not c.train.steps:
+        c.train.steps = 4
+    else:
+      raise ConfigError("<config arg>", variant, "'' or 'tiny'")
+  return c

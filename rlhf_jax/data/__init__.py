@@ -1,0 +1,31 @@
+"""Datasets -> static-shape numpy arrays for the trainers.
+
+    from rlhf_jax import data
+    spec = data.DataSpec(path="train.jsonl", split="train", format=None,
+                         columns=dict(prompt="question"), on_bad_row="skip", max_rows=None)
+    sft = data.load_sft(spec, tokenizer, max_prompt_len, max_len)
+    rm = data.load_comparisons(spec, tokenizer, max_prompt_len, max_len, k_max)
+    pr = data.load_prompts(spec, tokenizer, max_prompt_len)          # LEFT padded, .texts
+    ptx = data.load_text(spec, tokenizer, seq_len, pack=True)
+    sft.arrays["input_ids"], sft.report                              # TokenArrays
+    it = data.BatchIterator(sft.arrays, global_batch_size, seed, process_index, process_count)
+    batch = next(it); it.state(); it.restore(state)
+    data.check_tokenizer(tokenizer, vocab_size, name); data.check_same_tokenizer(a, b)
+
+Rooms: `sources` (open a file / directory / hub dataset), `validate` (bad rows, `DataError`,
+`DataReport`), `vocab` (tokenizer helpers, BOS policy), `tokenize` (the loaders and their
+array layouts), `batches` (`BatchIterator`). Each module's docstring has the details.
+"""
+
+from rlhf_jax.data.batches import BatchIterator
+from rlhf_jax.data.sources import DataSpec, open_source
+from rlhf_jax.data.tokenize import (TokenArrays, load_comparisons, load_prompts, load_sft,
+                                    load_text)
+from rlhf_jax.data.validate import DataError, DataReport
+from rlhf_jax.data.vocab import check_same_tokenizer, check_tokenizer
+
+__all__ = [
+    "BatchIterator", "DataError", "DataReport", "DataSpec", "TokenArrays",
+    "check_same_tokenizer", "check_tokenizer", "load_comparisons", "load_prompts",
+    "load_sft", "load_text", "open_source",
+]

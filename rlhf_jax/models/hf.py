@@ -1,0 +1,305 @@
+"""Load and save HF-format checkpoints (config.json + safetensors), per family.
+
+`load_hf(path) -> (cfg, params)` reads a local directory written by `save_pretrained`
+(single `model.safetensors` or a sharded `model.safetensors.index.json`). `save_hf(cfg,
+params, out_dir)` writes a directory that `transformers.AutoModelForCausalLM` (causal params)
+or `AutoModelForSequenceClassification` (scalar params, one label) loads with no missing or
+unexpected keys, plus an `rlhf_jax.json` sidecar holding our exact ModelConfig.
+
+Scalar heads: HF's `score` layer has no bias. On export the head kernel becomes
+`score.weight` and the head bias is NOT representable, so it is kept in `rlhf_jax.json`
+(and restored by `load_hf`); transformers then reports scores minus that bias, and
+`save_hf` warns when the bias is non-zero. On import from plain HF the bias is 0.
+HF sequence classification reads the LAST NON-PAD token, found through `pad_token_id`
+(so the exported config always carries one: the model's pad id, else its EOS id); our
+`models.scores` instead reads whatever `index` it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhf_jax.models import api
+from rlhf_jax.models import hf_config
+from rlhf_jax.models.config import ModelConfig
+
+SIDECAR = "rlhf_jax.json"
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "qwen2": "model.", "mistral": "model.",
+           "gpt_neox": "gpt_neox."}
+
+# One entry: HF tensor name, our param paths, HF array -> our arrays, our arrays -> HF array.
+Entry = tuple[str, list[tuple[str, ...]], Callable, Callable]
+
+
+def _linear(path, shape_out):
+  """nn.Linear weight [out, in] <-> kernel [in, *shape_out]."""
+  return ([path], lambda w: [w.T.reshape((w.shape[1],) + tuple(shape_out))],
+          lambda ks: ks[0].reshape(ks[0].shape[0], -1).T)
+
+
+def _linear_in(path, shape_in):
+  """nn.Linear weight [out, in] <-> kernel [*shape_in, out] (attention output projection)."""
+  return ([path], lambda w: [w.T.reshape(tuple(shape_in) + (w.shape[0],))],
+          lambda ks: ks[0].reshape(-1, ks[0].shape[-1]).T)
+
+
+def _same(path, shape=None, hf_shape=(-1,)):
+  """Same layout, optionally reshaped (e.g. bias [N*H] <-> [N, H])."""
+  if shape is None:
+    return ([path], lambda w: [w], lambda ks: ks[0])
+  return ([path], lambda w: [w.reshape(shape)], lambda ks: ks[0].reshape(hf_shape))
+
+
+def _entries(cfg: ModelConfig, kind: str) -> list[Entry]:
+  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  fam = cfg.family
+  pre = _PREFIX[fam]
+  out: list[Entry] = []
+
+  def add(name, spec):
+    out.append((name, *spec))
+
+  def norm(hf_name, ours, bias):
+    add(f"{hf_name}.weight", _same(ours + ("scale",)))
+    if bias:
+      add(f"{hf_name}.bias", _same(ours + ("bias",)))
+
+  bb = ("backbone",)
+  ln = cfg.norm_type == "layernorm"
+  if fam == "gpt2":
+    add(pre + "wte.weight", _same(bb + ("embed", "embedding")))
+    add(pre + "wpe.weight", _same(bb + ("pos_embed", "embedding")))
+  elif fam == "gpt_neox":
+    add(pre + "embed_in.weight", _same(bb + ("embed", "embedding")))
+  else:
+    add(pre + "embed_tokens.weight", _same(bb + ("embed", "embedding")))
+  for i in range(cfg.num_layers):
+    L = bb + (f"layer_{i}",)
+    at = L + ("attn",)
+    mlp = L + ("mlp",)
+    if fam == "gpt2":
+      p = f"{pre}h.{i}."
+      norm(p + "ln_1", L + ("attn_norm",), True)
+      norm(p + "ln_2", L + ("mlp_norm",), True)
+      # Conv1D weights are [in, out]: x @ W, so no transpose; q|k|v concatenated on out.
+      qkv = [at + (x, "kernel") for x in ("q", "k", "v")]
+      add(p + "attn.c_attn.weight",
+          (qkv, lambda w: [a.reshape(d, n, h) for a in np.split(w, 3, axis=1)],
+           lambda ks: np.concatenate([a.reshape(d, -1) for a in ks], axis=1)))
+      qkv_b = [at + (x, "bias") for x in ("q", "k", "v")]
+      add(p + "attn.c_attn.bias",
+          (qkv_b, lambda b: [a.reshape(n, h) for a in np.split(b, 3)],
+           lambda bs: np.concatenate([a.reshape(-1) for a in bs])))
+      add(p + "attn.c_proj.weight", _same(at + ("o", "kernel"), (n, h, d), (n * h, d)))
+      add(p + "attn.c_proj.bias", _same(at + ("o", "bias")))
+      add(p + "mlp.c_fc.weight", _same(mlp + ("up", "kernel")))
+      add(p + "mlp.c_fc.bias", _same(mlp + ("up", "bias")))
+      add(p + "mlp.c_proj.weight", _same(mlp + ("down", "kernel")))
+      add(p + "mlp.c_proj.bias", _same(mlp + ("down", "bias")))
+    elif fam == "gpt_neox":
+      p = f"{pre}layers.{i}."
+      norm(p + "input_layernorm", L + ("attn_norm",), True)
+      norm(p + "post_attention_layernorm", L + ("mlp_norm",), True)
+      # Fused rows are laid out per head: [N, (q|k|v), H] x D.
+      qkv = [at + (x, "kernel") for x in ("q", "k", "v")]
+      add(p + "attention.query_key_value.weight",
+          (qkv, lambda w: [w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1) for j in range(3)],
+           lambda ks: np.stack([a.transpose(1, 2, 0) for a in ks], axis=1).reshape(3 * n * h, d)))
+      if cfg.qkv_bias:
+        qkv_b = [at + (x, "bias") for x in ("q", "k", "v")]
+        add(p + "attention.query_key_value.bias",
+            (qkv_b, lambda b: [b.reshape(n, 3, h)[:, j] for j in range(3)],
+             lambda bs: np.stack(bs, axis=1).reshape(-1)))
+      add(p + "attention.dense.weight", _linear_in(at + ("o", "kernel"), (n, h)))
+      if cfg.out_bias:
+        add(p + "attention.dense.bias", _same(at + ("o", "bias")))
+      add(p + "mlp.dense_h_to_4h.weight", _linear(mlp + ("up", "kernel"), (cfg.intermediate_size,)))
+      add(p + "mlp.dense_h_to_4h.bias", _same(mlp + ("up", "bias")))
+      add(p + "mlp.dense_4h_to_h.weight", _linear(mlp + ("down", "kernel"), (d,)))
+      add(p + "mlp.dense_4h_to_h.bias", _same(mlp + ("down", "bias")))
+    else:
+      p = f"{pre}layers.{i}."
+      norm(p + "input_layernorm", L + ("attn_norm",), False)
+      norm(p + "post_attention_layernorm", L + ("mlp_norm",), False)
+      for x, heads in (("q", n), ("k", k), ("v", k)):
+        add(f"{p}self_attn.{x}_proj.weight", _linear(at + (x, "kernel"), (heads, h)))
+        if cfg.qkv_bias:
+          add(f"{p}self_attn.{x}_proj.bias", _same(at + (x, "bias"), (heads, h)))
+      add(p + "self_attn.o_proj.weight", _linear_in(at + ("o", "kernel"), (n, h)))
+      if cfg.out_bias:
+        add(p + "self_attn.o_proj.bias", _same(at + ("o", "bias")))
+      for x, hf_x in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        width = (d,) if x == "down" else (cfg.intermediate_size,)
+        add(f"{p}mlp.{hf_x}.weight", _linear(mlp + (x, "kernel"), width))
+        if cfg.mlp_bias:
+          add(f"{p}mlp.{hf_x}.bias", _same(mlp + (x, "bias")))
+  final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(fam, "norm")
+  norm(pre + final, bb + ("final_norm",), ln)
+  if kind == "causal" and not cfg.tie_word_embeddings:
+    add("lm_head.weight", _linear(("lm_head", "kernel"), (cfg.vocab_size,)))
+  if kind == "scalar":
+    add("score.weight", _linear(("head", "kernel"), (1,)))
+  return out
+
+
+class _Tensors:
+  """Lazy name -> numpy float32 reader over one or several safetensors files."""
+
+  def __init__(self, path: Path):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    self._open = safe_open
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {name: path / f for name, f in weight_map.items()}
+      self.where = str(index)
+    elif single.exists():
+      with safe_open(str(single), framework="numpy") as f:
+        self.files = {name: single for name in f.keys()}
+      self.where = str(single)
+    else:
+      raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                       "(only safetensors checkpoints are supported)")
+
+  def names(self):
+    return set(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    file = str(self.files[name])
+    with self._open(file, framework="numpy") as f:
+      if f.get_slice(name).get_dtype() in ("BF16", "F8_E4M3", "F8_E5M2"):
+        with self._open(file, framework="flax") as fj:
+          return np.asarray(fj.get_tensor(name).astype("float32"))
+      return f.get_tensor(name).astype(np.float32)
+
+
+def _resolve(name: str, available: set, prefix: str) -> str | None:
+  """The stored name for `name`: as is, without the base-model prefix, or a legacy alias."""
+  candidates = [name]
+  if name.startswith(prefix):
+    candidates.append(name[len(prefix):])        # e.g. the original GPT-2 checkpoint
+  if name == "lm_head.weight":
+    candidates.append("embed_out.weight")         # GPT-NeoX / Pythia before transformers 5
+  for c in candidates:
+    if c in available:
+      return c
+  return None
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def load_hf(path) -> tuple[ModelConfig, dict]:
+  """Reads a local HF checkpoint directory.
+
+  Args:
+    path: directory with config.json and model.safetensors (or a sharded
+      model.safetensors.index.json).
+
+  Returns:
+    (cfg, params): params are float32 numpy-backed jax arrays; kind from the architecture
+    (*ForCausalLM / GPT2LMHeadModel -> causal, *ForSequenceClassification -> scalar).
+
+  Raises:
+    ValueError: missing files, unknown architecture, or a missing tensor (named, with file).
+    NotImplementedError: a config feature we do not implement (named).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  path = Path(path)
+  config_file = path / "config.json"
+  if not config_file.exists():
+    raise ValueError(f"{path}: not an HF checkpoint directory (no config.json)")
+  hf = json.loads(config_file.read_text())
+  cfg, kind = hf_config.from_hf_config(hf, str(config_file))
+  score_bias = 0.0
+  sidecar = path / SIDECAR
+  if sidecar.exists():
+    extra = json.loads(sidecar.read_text())
+    cfg = ModelConfig.from_dict(extra["config"])
+    score_bias = float(extra.get("score_bias", 0.0))
+  tensors = _Tensors(path)
+  available = tensors.names()
+  prefix = _PREFIX[cfg.family]
+  abstract = api.abstract_params(cfg, kind)
+  params: dict = {}
+  for name, paths, to_ours, _ in _entries(cfg, kind):
+    stored = _resolve(name, available, prefix)
+    if stored is None:
+      raise ValueError(f"{tensors.where}: missing tensor {name!r} needed for "
+                       f"{hf_config.ARCHITECTURES[(cfg.family, kind)]}")
+    arrays = to_ours(tensors.get(stored))
+    for p, a in zip(paths, arrays):
+      want = _get(abstract, p).shape
+      if tuple(a.shape) != tuple(want):
+        raise ValueError(f"{tensors.where}: tensor {stored!r} gives {'.'.join(p)} shape "
+                         f"{tuple(a.shape)}, expected {tuple(want)} from config.json")
+      _set(params, p, jnp.asarray(a, jnp.float32))
+  # Biases the checkpoint does not have (e.g. HF's bias-free score layer) start at zero.
+  if kind == "scalar":
+    _set(params, ("head", "bias"), jnp.full((1,), score_bias, jnp.float32))
+  return cfg, params
+
+
+def _transformers_major() -> int:
+  import transformers  # pylint: disable=import-outside-toplevel
+  return int(transformers.__version__.split(".")[0])
+
+
+def save_hf(cfg: ModelConfig, params: dict, out_dir) -> None:
+  """Writes an HF checkpoint directory (config.json, model.safetensors, rlhf_jax.json).
+
+  Causal params load with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`;
+  scalar params with `AutoModelForSequenceClassification` (num_labels=1). The directory is
+  written under a temporary name and renamed into place, so it is never half-written.
+
+  Args:
+    cfg: the architecture.
+    params: causal or scalar params (kind inferred from the keys).
+    out_dir: target directory (replaced if it exists).
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  kind = api.kind_of(params)
+  out_dir = Path(out_dir)
+  hf_cfg = hf_config.to_hf_config(cfg, kind)
+  tensors = {}
+  for name, paths, _, to_hf in _entries(cfg, kind):
+    arrays = [np.asarray(_get(params, p), np.float32) for p in paths]
+    tensors[name] = np.ascontiguousarray(to_hf(arrays))
+  if cfg.family == "gpt_neox" and "lm_head.weight" in tensors and _transformers_major() < 5:
+    tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # the 4.x name
+  score_bias = 0.0
+  if kind == "scalar":
+    score_bias = float(np.asarray(params["head"]["bias"]).reshape(-1)[0])
+    if score_bias != 0.0:
+      warnings.warn(f"save_hf: the scalar head bias {score_bias:g} has no place in HF's "
+                    f"bias-free `score` layer; it is kept in {SIDECAR} only, so transformers "
+                    "will report scores minus this bias")
+  tmp = out_dir.with_name(out_dir.name + ".tmp")
+  if tmp.exists():
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  hf_cfg.save_pretrained(str(tmp))
+  save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  (tmp / SIDECAR).write_text(json.dumps(
+      {"config": cfg.to_dict(), "kind": kind, "score_bias": score_bias}, indent=2))
+  if out_dir.exists():
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)

@@ -1,0 +1,89 @@
+"""`report.md` and PNG plots for the embedded pipeline's evaluation."""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_jax import metrics
+
+
+def _plot(workdir: str) -> list:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  written = []
+  runs = {}
+  for name in ("ppo", "ppo_noptx"):
+    rows = [r for r in metrics.read_metrics(os.path.join(workdir, name), stage="ppo")
+            if "score" in r and r.get("score") is not None]
+    if rows:
+      runs[name] = rows
+  if not runs:
+    return written
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for name, rows in runs.items():
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes, ("score", "kl", "kl_coef")):
+      ax.plot(steps, [r.get(key) for r in rows], label=name)
+      ax.set_title({"score": "RM score", "kl": "KL(π || π_SFT) per response",
+                    "kl_coef": "β"}[key])
+      ax.set_xlabel("PPO iteration")
+  axes[0].legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, "ppo_curves.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  written.append(path)
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for name, rows in runs.items():
+    ax.scatter([r.get("kl") for r in rows], [r.get("score") for r in rows], s=10, label=name)
+  ax.set_xlabel("KL(π || π_SFT)")
+  ax.set_ylabel("RM score")
+  ax.set_title("Reward–KL trade-off")
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, "reward_vs_kl.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  written.append(path)
+  return written
+
+
+def _cell(text: str) -> str:
+  return (text or "∅").replace("|", "\\|").replace("\n", " ")
+
+
+def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict,
+          n_samples: int = 12) -> str:
+  plots = _plot(workdir)
+  lines = ["# Evaluation on the built-in task", "",
+           f"{result['n_prompts']} held-out prompts, sampling temperature "
+           f"{result['temperature']}, seed {result['seed']}.", "",
+           "| metric | value |", "| --- | --- |",
+           f"| oracle win rate, PPO-ptx over SFT | {result['oracle_win_rate']:.3f} |"]
+  if result.get("oracle_win_rate_no_ptx") is not None:
+    lines.append(f"| oracle win rate, PPO over SFT | {result['oracle_win_rate_no_ptx']:.3f} |")
+  lines.append(f"| RM pairwise accuracy (held-out, vs oracle) | {result['rm_accuracy']:.3f} |")
+  lines.append(f"| KL(PPO-ptx ‖ SFT) per response | {result['kl_to_sft']:.3f} |")
+  if result.get("kl_to_sft_no_ptx") is not None:
+    lines.append(f"| KL(PPO ‖ SFT) per response | {result['kl_to_sft_no_ptx']:.3f} |")
+  lines += ["", "| model | oracle score | pretraining loss | alignment tax | unsafe rate |"
+            " EOS rate |", "| --- | --- | --- | --- | --- | --- |"]
+  for name in result["pretrain_loss"]:
+    tax = result["alignment_tax"].get(name, 0.0)
+    lines.append(f"| {name} | {result['oracle_score'][name]:.3f} | "
+                 f"{result['pretrain_loss'][name]:.4f} | {tax:+.4f} | "
+                 f"{result['unsafe_rate'][name]:.3f} | {result['eos_rate'][name]:.3f} |")
+  lines += ["", "## Samples", "", "| prompt | SFT | score | PPO-ptx | score |",
+            "| --- | --- | --- | --- | --- |"]
+  for i in range(min(n_samples, len(prompts))):
+    lines.append(f"| {_cell(prompts[i])} | {_cell(samples['sft'].texts[i])} | "
+                 f"{scores['sft'][i]:.2f} | {_cell(samples['ppo'].texts[i])} | "
+                 f"{scores['ppo'][i]:.2f} |")
+  if plots:
+    lines += ["", "## Training curves", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

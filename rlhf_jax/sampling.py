@@ -1,0 +1,268 @@
+"""KV-cache sampling: one jitted prefill over the prompt, then a `lax.while_loop` decode.
+
+    out = sampling.generate(cfg, params, input_ids, attention_mask, rng, max_new_tokens=N,
+                            temperature=1.0, top_k=0, top_p=1.0, eos_id=None, greedy=False)
+    out.tokens, out.logprobs, out.mask            # [B, N] each
+
+Shapes are static: the KV cache has length S = P + N for a prompt batch `[B, P]`, so one
+compilation serves every batch of a (B, P, N) bucket. The compiled function is cached by
+`jax.jit` on the static arguments `(cfg, max_new_tokens, top_k, greedy, use_top_p)` (and on
+the number of EOS ids); `temperature`, `top_p`, the EOS ids and `pad_id` are traced, so
+changing them (e.g. a temperature sweep) does not recompile. `top_p` given as a Python float >= 1.0 skips the
+nucleus sort altogether (a static decision); a traced `top_p` always pays for the sort.
+
+Prompts are LEFT padded. Row b's prompt positions are `cumsum(mask) - 1`; the j-th generated
+token of row b gets position `sum(mask[b]) + j`. The cache is written at slots `[0, P)` by
+the prefill and slot `P + j` for generated token j; the kv mask is the prompt mask followed
+by ones (causality already hides slots that are not written yet, and rows that have stopped
+produce outputs that are discarded).
+
+Log-probs are float32 log-softmax of `logits / temperature` after top-k / top-p filtering,
+read at the chosen token: the log-probability of the token under the distribution it was
+actually drawn from. With `greedy=True` they are log-softmax of `logits / temperature`
+unfiltered (filtering would make every greedy log-prob 0 under top_k=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import models
+
+
+class GenerateOutput(NamedTuple):
+  """What `generate` returns; a pytree, each leaf `[B, max_new_tokens]`.
+
+  Attributes:
+    tokens: int32 generated tokens; `pad_id` after a row's EOS.
+    logprobs: float32 log-prob of each token under the sampling distribution; 0 where mask 0.
+    mask: int32, 1 for generated tokens up to and including the EOS, 0 afterwards.
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists into a batch.
+
+  Args:
+    prompts: B lists of token ids, each non-empty.
+    pad_id: id written into the padding slots.
+    length: padded length P (a bucket size); defaults to the longest prompt.
+
+  Returns:
+    `(input_ids, attention_mask)`, int32 numpy arrays `[B, P]`, real tokens right-aligned.
+
+  Raises:
+    ValueError: a prompt is empty or longer than `length`.
+  """
+  lengths = [len(p) for p in prompts]
+  if not prompts:
+    raise ValueError("pad_prompts: got no prompts")
+  if min(lengths) == 0:
+    raise ValueError(f"pad_prompts: prompt {lengths.index(0)} is empty; every row needs a token")
+  if length is None:
+    length = max(lengths)
+  if max(lengths) > length:
+    i = int(np.argmax(lengths))
+    raise ValueError(f"pad_prompts: prompt {i} has {lengths[i]} tokens, more than length={length}")
+  ids = np.full((len(prompts), length), pad_id, dtype=np.int32)
+  mask = np.zeros((len(prompts), length), dtype=np.int32)
+  for b, p in enumerate(prompts):
+    ids[b, length - len(p):] = np.asarray(p, dtype=np.int32)
+    mask[b, length - len(p):] = 1
+  return ids, mask
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: Union[float, jax.Array] = 1.0
+                  ) -> jax.Array:
+  """Top-k then top-p (nucleus) filtering; removed entries become -inf.
+
+  Top-k keeps every logit >= the k-th largest (ties at the boundary are all kept, as in
+  transformers). Top-p keeps the smallest prefix of the descending-sorted distribution
+  whose cumulative probability reaches `top_p` (the top token always survives), then keeps
+  every logit >= the smallest kept one (ties at the cut are all kept). Top-p is computed on
+  the distribution left by top-k. Pass temperature-scaled logits.
+
+  Args:
+    logits: `[..., V]` float logits.
+    top_k: static int; 0 (or >= V) disables.
+    top_p: float in (0, 1]; 1.0 disables. May be a traced scalar.
+
+  Returns:
+    float32 logits of the same shape.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  if top_k and top_k < vocab:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if isinstance(top_p, numbers.Real) and top_p >= 1.0:
+    return logits
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  # Probability mass strictly before each sorted entry; the entry is needed while that
+  # mass is still short of top_p. Entry 0 (mass 0) is always kept.
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < top_p).at[..., 0].set(True)
+  cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  filtered = jnp.where(logits < cutoff, -jnp.inf, logits)
+  if isinstance(top_p, numbers.Real):
+    return filtered
+  return jnp.where(top_p >= 1.0, logits, filtered)  # traced top_p: 1.0 is exactly a no-op
+
+
+def _select(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int,
+            top_p: jax.Array, greedy: bool, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+  """Picks one token per row from `[B, V]` logits; returns (tokens int32, logprobs f32)."""
+  scaled = logits.astype(jnp.float32) / temperature
+  if greedy:
+    dist = scaled
+    tokens = jnp.argmax(scaled, axis=-1)
+  else:
+    dist = filter_logits(scaled, top_k, top_p if use_top_p else 1.0)
+    tokens = jax.random.categorical(key, dist, axis=-1)
+  logp = jax.nn.log_softmax(dist, axis=-1)
+  logp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), logp
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array        # index of the last token chosen
+  cache: dict
+  done: jax.Array        # [B] bool, row has emitted EOS (at or before `step`)
+  rng: jax.Array
+  tokens: jax.Array      # [B, N]
+  logprobs: jax.Array    # [B, N]
+  mask: jax.Array        # [B, N]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy",
+                                             "use_top_p"))
+def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids, pad_id,
+              *, max_new_tokens, top_k, greedy, use_top_p):
+  batch, prompt_len = input_ids.shape
+  n = max_new_tokens
+  attention_mask = attention_mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+  kv_mask = jnp.concatenate([attention_mask, jnp.ones((batch, n), jnp.int32)], axis=-1)
+  next_pos = jnp.sum(attention_mask, axis=-1)                 # position of generated token 0
+
+  def pick(s: _LoopState, logits: jax.Array, step: jax.Array, cache: dict) -> _LoopState:
+    """Chooses token `step` from `[B, V]` logits and records it."""
+    rng, key = jax.random.split(s.rng)
+    tok, logp = _select(logits, key, temperature, top_k, top_p, greedy, use_top_p)
+    live = ~s.done
+    tok = jnp.where(live, tok, pad_id)
+    col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
+    done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
+    return _LoopState(step, cache, done, rng, col(s.tokens, tok),
+                      col(s.logprobs, jnp.where(live, logp, 0.0)),
+                      col(s.mask, live.astype(jnp.int32)))
+
+  cache = models.init_cache(cfg, batch, prompt_len + n)
+  logits, cache = models.forward_with_cache(cfg, params, input_ids.astype(jnp.int32), positions,
+                                            kv_mask, cache, 0)
+  state = _LoopState(
+      step=jnp.zeros((), jnp.int32), cache=cache, done=jnp.zeros((batch,), bool), rng=rng,
+      tokens=jnp.full((batch, n), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, n), jnp.float32), mask=jnp.zeros((batch, n), jnp.int32))
+  state = pick(state, logits[:, -1], state.step, cache)
+
+  def cond(s: _LoopState):
+    return (s.step + 1 < n) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    # Feed token `step` (slot prompt_len + step) and choose token `step + 1`.
+    prev = jax.lax.dynamic_slice_in_dim(s.tokens, s.step, 1, axis=1)
+    logits, cache = models.forward_with_cache(cfg, params, prev, (next_pos + s.step)[:, None],
+                                              kv_mask, s.cache, prompt_len + s.step)
+    return pick(s, logits[:, -1], s.step + 1, cache)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return GenerateOutput(state.tokens, state.logprobs, state.mask)
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: jax.Array,
+             max_new_tokens: int, temperature: Union[float, jax.Array] = 1.0, top_k: int = 0,
+             top_p: Union[float, jax.Array] = 1.0,
+             eos_id: Union[None, int, Sequence[int]] = None, greedy: bool = False,
+             pad_id: int = 0) -> GenerateOutput:
+  """Samples `max_new_tokens` tokens after each left-padded prompt.
+
+  Works under an outer `jax.jit` (then `temperature` / `top_p` may be traced) and with
+  sharded params (nothing is moved to one device).
+
+  Args:
+    cfg: the model config (static, hashable).
+    params: causal-model params (`models.init(..., kind="causal")` / `models.load_hf`).
+    input_ids: `[B, P]` int prompt tokens, LEFT padded.
+    attention_mask: `[B, P]`, 1 on real tokens; every row needs at least one.
+    rng: a PRNG key (unused when `greedy`).
+    max_new_tokens: N, static.
+    temperature: > 0; logits are divided by it before filtering (and for `logprobs`).
+    top_k: static int, 0 = off.
+    top_p: nucleus mass in (0, 1], 1.0 = off.
+    eos_id: an id or a 1-D sequence of ids that end a row; None = never stop.
+    greedy: argmax instead of sampling (top_k / top_p ignored).
+    pad_id: written after a row's EOS.
+
+  Returns:
+    `GenerateOutput(tokens, logprobs, mask)`, each `[B, max_new_tokens]`; the EOS itself has
+    mask 1, later slots hold `pad_id`, logprob 0, mask 0. The loop stops early once every
+    row has emitted EOS.
+
+  Raises:
+    ValueError: bad shapes or arguments, or (for concrete inputs) a prompt batch that is
+    not left padded / has an empty row, or a too-long sequence for learned positions.
+  """
+  if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+    raise ValueError(f"generate: input_ids {input_ids.shape} and attention_mask "
+                     f"{attention_mask.shape} must both be [batch, prompt_len]")
+  max_new_tokens = int(max_new_tokens)
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens}, expected >= 1")
+  if isinstance(temperature, numbers.Real) and temperature <= 0:
+    raise ValueError(f"generate: temperature={temperature}, expected > 0 (use greedy=True)")
+  if isinstance(top_p, numbers.Real) and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"generate: top_p={top_p}, expected in (0, 1]")
+  top_k = int(top_k)
+  if top_k < 0:
+    raise ValueError(f"generate: top_k={top_k}, expected >= 0")
+  prompt_len = input_ids.shape[1]
+  if cfg.position_type == "learned" and prompt_len + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(
+        f"generate: prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the "
+        f"model's max_position_embeddings={cfg.max_position_embeddings}")
+  if _is_concrete(attention_mask):
+    m = np.asarray(attention_mask)
+    if not np.all(m[:, -1]):
+      raise ValueError("generate: prompts must be LEFT padded (attention_mask[:, -1] must be 1 "
+                       "for every row); see sampling.pad_prompts")
+  # EOS ids are traced and padded with -1 (never sampled) to a multiple of 4, so the common
+  # cases (none, one, a few) share one compilation.
+  eos_ids = jnp.zeros((0,), jnp.int32) if eos_id is None else jnp.asarray(eos_id, jnp.int32)
+  if eos_ids.ndim > 1:
+    raise ValueError(f"generate: eos_id must be an id or a 1-D sequence of ids, got {eos_id!r}")
+  eos_ids = jnp.atleast_1d(eos_ids)
+  width = max(4, -(-eos_ids.shape[0] // 4) * 4)
+  eos_ids = jnp.pad(eos_ids, (0, width - eos_ids.shape[0]), constant_values=-1)
+  if greedy:   # filtering does not apply; don't let it split the compilation cache
+    top_k, top_p = 0, 1.0
+  use_top_p = not (isinstance(top_p, numbers.Real) and top_p >= 1.0)
+  return _generate(cfg, params, input_ids, attention_mask, rng,
+                   jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                   eos_ids, jnp.asarray(pad_id, jnp.int32), max_new_tokens=max_new_tokens,
+                   top_k=top_k, greedy=bool(greedy), use_top_p=use_top_p)

@@ -1,0 +1,42 @@
+"""Glue between config data specs, `rlhf_jax.data` loaders and the host loop."""
+
+from __future__ import annotations
+
+import jax
+
+from rlhf_jax.errors import ConfigError
+
+
+def spec_from_config(spec_cfg):
+  from rlhf_jax import data
+  return data.DataSpec(
+      path=spec_cfg.path, split=spec_cfg.split, format=spec_cfg.format or None,
+      columns=dict(spec_cfg.columns), on_bad_row=spec_cfg.on_bad_row,
+      max_rows=spec_cfg.max_rows or None)
+
+
+def total_steps(train_cfg, n_examples: int) -> int:
+  if train_cfg.steps:
+    return int(train_cfg.steps)
+  if n_examples < train_cfg.batch_size:
+    raise ConfigError("train.batch_size", train_cfg.batch_size,
+                      f"at most the number of usable examples ({n_examples})")
+  return max(1, train_cfg.epochs * n_examples // train_cfg.batch_size)
+
+
+def iterator(arrays: dict, global_batch_size: int, seed: int):
+  """This host's slice of each global batch, in a seed-determined order, resumable."""
+  from rlhf_jax import data
+  return data.BatchIterator(arrays, global_batch_size, seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count(), drop_last=True)
+
+
+def eval_batches(arrays: dict, global_batch_size: int, max_batches: int):
+  """The first `max_batches` full global batches in file order (host slices)."""
+  n = len(next(iter(arrays.values())))
+  per_host = global_batch_size // jax.process_count()
+  lo = jax.process_index() * per_host
+  for b in range(min(max_batches, n // global_batch_size)):
+    start = b * global_batch_size + lo
+    yield {k: v[start:start + per_host] for k, v in arrays.items()}

@@ -1,0 +1,154 @@
+"""The host loop all stages share: resume, step, log, evaluate, checkpoint, preempt.
+
+A stage supplies a `Stage` object: the initial state (born sharded), a host `step` that runs
+its jitted function(s) on the next batch, an evaluator, its data position, and an export. The
+loop owns everything that is the same across SFT, RM and PPO. Resume order: the latest good
+checkpoint in `<workdir>/checkpoints`, else a fresh state (which the stage builds from
+`model.init_from` or a preset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import tqdm
+
+from rlhf_jax import checkpoint, metrics
+from rlhf_jax.errors import DivergenceError
+from rlhf_jax.trainers import state as state_lib
+
+log = logging.getLogger("rlhf_jax")
+
+
+@dataclasses.dataclass
+class Stage:
+  """What one training stage plugs into the loop.
+
+  Attributes:
+    name: metrics `stage` field ("sft", "rm", "ppo", ...).
+    total_steps: number of updates (PPO: iterations).
+    init_state: builds the fresh state pytree (born sharded).
+    abstract_state: ShapeDtypeStructs with shardings (restore target).
+    step: host callable (state, step_index) -> (state, metrics dict of arrays/floats).
+    evaluate: (state) -> metrics dict, or None.
+    data_state / restore_data_state: the data position as JSON and back.
+    extra_state / restore_extra_state: other host-side JSON state (e.g. KL controller).
+    finish: (state) -> None, called once at the end (export).
+  """
+  name: str
+  total_steps: int
+  init_state: Callable[[], Any]
+  abstract_state: Callable[[], Any]
+  step: Callable[[Any, int], tuple]
+  evaluate: Optional[Callable[[Any], dict]] = None
+  data_state: Callable[[], dict] = dict
+  restore_data_state: Callable[[dict], None] = lambda d: None
+  finish: Optional[Callable[[Any], None]] = None
+
+
+class _Preemption:
+  """SIGTERM (what TPU/GPU schedulers send) -> checkpoint at the next step boundary, exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):  # noqa: ARG001
+      self.requested = True
+      log.warning("SIGTERM received: will checkpoint at the next step boundary and exit.")
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _to_python(tree: dict) -> dict:
+  out = {}
+  for k, v in jax.device_get(tree).items():
+    arr = np.asarray(v)
+    out[k] = arr.item() if arr.size == 1 else arr.tolist()
+  return out
+
+
+def run(stage: Stage, workdir: str, train_cfg) -> dict:
+  """Runs `stage` to completion (or preemption). Returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=train_cfg.keep_checkpoints)
+  restored = ckpt.restore_latest(stage.abstract_state())
+  if restored is not None:
+    state, extra = restored
+    stage.restore_data_state(extra.get("data", {}))
+    start = int(jax.device_get(state["step"]))
+    log.info("[%s] resumed from %s at step %d", stage.name, ckpt.directory, start)
+  else:
+    state, start = stage.init_state(), 0
+  writer = metrics.MetricsWriter(workdir, stage.name, resume_step=start)
+  last: dict = {}
+  window_start, window_steps = time.perf_counter(), 0
+  bar = tqdm.tqdm(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
+                  disable=not (train_cfg.progress and jax.process_index() == 0),
+                  dynamic_ncols=True, leave=False)
+  preempted = False
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, stage.total_steps):
+        state, step_metrics = stage.step(state, step)
+        window_steps += 1
+        bar.update(1)
+        done = step + 1
+        is_last = done == stage.total_steps
+        if done % train_cfg.log_every == 0 or is_last:
+          last = _to_python(step_metrics)
+          counters = _to_python(dict(consecutive_skips=state["consecutive_skips"],
+                                     total_skips=state["total_skips"]))
+          last.update(counters)
+          elapsed = time.perf_counter() - window_start
+          last["steps_per_sec"] = window_steps / max(elapsed, 1e-9)
+          window_start, window_steps = time.perf_counter(), 0
+          if counters["consecutive_skips"] >= train_cfg.max_consecutive_skips:
+            writer.write(done, last)
+            raise DivergenceError(
+                f"[{stage.name}] {counters['consecutive_skips']} non-finite updates in a row "
+                f"at step {done} (train.max_consecutive_skips="
+                f"{train_cfg.max_consecutive_skips}); the last good checkpoint in "
+                f"{ckpt.directory} is kept. Lower optim.lr or check the data.")
+          if stage.evaluate is not None and train_cfg.eval_every and \
+              done % train_cfg.eval_every == 0 and not is_last:
+            last.update({f"eval/{k}": v for k, v in stage.evaluate(state).items()})
+          writer.write(done, last)
+          bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()
+                           if k in ("loss", "score", "accuracy", "kl")})
+        if preemption.requested or is_last or (
+            train_cfg.ckpt_every and done % train_cfg.ckpt_every == 0):
+          ckpt.save(done, state, extra=dict(data=stage.data_state()))
+        if preemption.requested and not is_last:
+          preempted = True
+          log.warning("[%s] checkpointed step %d after SIGTERM; exiting.", stage.name, done)
+          break
+    if not preempted:
+      if stage.evaluate is not None:
+        final_eval = {f"eval/{k}": v for k, v in stage.evaluate(state).items()}
+        writer.write(stage.total_steps, final_eval)
+        last.update(final_eval)
+      if stage.finish is not None:
+        stage.finish(state)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  last["preempted"] = preempted
+  return last

@@ -1,0 +1,101 @@
+"""Step 3, first half: turning sampled responses into PPO experience.
+
+For prompts x (left padded, length P) and sampled responses y (right padded, length N):
+  old log-probs   log π_old(y_t | x, y_<t)   (policy, logits / temperature)
+  ref log-probs   log π_SFT(y_t | ...)       (frozen SFT model, same temperature)
+  values          V(x, y_<t)                 (value model, read before each response token)
+  score           r_θ(x, y) at the last response token, normalised; minus a penalty when the
+                  response never emitted EOS
+  rewards         −β·KL per token + score at the last token   (InstructGPT eq. 2)
+  advantages      GAE(γ, λ), whitened over valid tokens; returns = advantages + values
+All of it is one jitted function of the models' params and the sampled tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import losses, models
+
+
+class Experience(NamedTuple):
+  input_ids: jax.Array       # [B, P+N] prompt + response
+  attention_mask: jax.Array  # [B, P+N]
+  response_mask: jax.Array   # [B, N]
+  old_logprobs: jax.Array    # [B, N]
+  ref_logprobs: jax.Array    # [B, N]
+  values: jax.Array          # [B, N]
+  advantages: jax.Array      # [B, N]
+  returns: jax.Array         # [B, N]
+
+
+def response_logprobs(cfg, params, input_ids, attention_mask, prompt_len: int,
+                      temperature: float, with_entropy: bool = False):
+  """log π(y_t) of each response token under softmax(logits / T), and optionally entropy.
+
+  The logits of the whole sequence are sliced to the N positions that predict response
+  tokens before the log-softmax, so the [B, T, V] float32 array never outlives this call.
+  """
+  logits = models.logits(cfg, params, input_ids, attention_mask)
+  logits = logits[:, prompt_len - 1:-1].astype(jnp.float32) / temperature
+  targets = input_ids[:, prompt_len:]
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return logp
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return logp, entropy
+
+
+def response_values(cfg, params, input_ids, attention_mask, prompt_len: int):
+  """V(s_t): the value head read at the position before each response token."""
+  return models.values(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
+
+
+def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization: dict,
+                       eos_id: int, prompt_len: int):
+  """Returns f(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens,
+  response_mask) -> (Experience, metrics)."""
+  temperature = float(ppo_cfg.temperature)
+  norm_scale = normalization["std"] if normalization.get("gain") else 1.0
+
+  def fn(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens, response_mask):
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    rmask = response_mask.astype(jnp.float32)
+    old_logp, entropy = response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
+                                          temperature, with_entropy=True)
+    ref_logp = response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
+    values = response_values(value_cfg, value, ids, mask, prompt_len) * rmask
+    length = jnp.sum(response_mask, axis=1).astype(jnp.int32)
+    last = prompt_len - 1 + length   # the last response token (the prompt's end if empty)
+    raw = models.scores(reward_cfg, reward, ids, mask, last)
+    score = (raw - normalization["mean"]) / norm_scale
+    has_eos = jnp.any((tokens == eos_id) & (response_mask > 0), axis=1)
+    score = jnp.where(has_eos, score, score - ppo_cfg.no_eos_penalty)
+    rewards = losses.kl_penalized_rewards(score, old_logp, ref_logp, rmask, kl_coef,
+                                          kind=ppo_cfg.kl_kind)
+    advantages, returns = losses.gae(rewards, values, rmask, ppo_cfg.gamma, ppo_cfg.lam)
+    if ppo_cfg.whiten_advantages:
+      advantages = losses.whiten(advantages, rmask)
+    kl_tok = losses.kl_penalty(old_logp, ref_logp, kind="k1") * rmask
+    kl_seq = jnp.sum(kl_tok, axis=1)
+    exp = Experience(ids, mask, rmask, old_logp, ref_logp, values, advantages * rmask,
+                     returns * rmask)
+    var_r = losses.masked_mean(jnp.square(returns - losses.masked_mean(returns, rmask)), rmask)
+    var_res = losses.masked_mean(jnp.square(returns - values - losses.masked_mean(
+        returns - values, rmask)), rmask)
+    metrics = dict(
+        score=jnp.mean(score), raw_score=jnp.mean(raw), kl=jnp.mean(kl_seq),
+        kl_coef=kl_coef, entropy=losses.masked_mean(entropy, rmask),
+        response_length=jnp.mean(length.astype(jnp.float32)),
+        no_eos_frac=1.0 - jnp.mean(has_eos.astype(jnp.float32)),
+        reward_total=jnp.mean(jnp.sum(rewards, axis=1)),
+        explained_variance=1.0 - var_res / jnp.maximum(var_r, 1e-8),
+        value_mean=losses.masked_mean(values, rmask))
+    return exp, metrics
+
+  return fn

@@ -1,0 +1,191 @@
+"""Step 2: the reward model.
+
+The SFT transformer with its unembedding replaced by a scalar head read at the last response
+token. Each batch element is one prompt with K ranked responses; all C(K,2) pairs of a prompt
+form one element of the loss (InstructGPT eq. 1, via `losses.ranking_loss`), so each response
+gets one forward pass. Chosen/rejected data is the K = 2 case.
+
+After training the reward is normalised (InstructGPT §3.5: "a bias so that the labeler
+demonstrations achieve a mean score of 0"; optionally a gain to unit std as in Ziegler et al.
+2019): the constants are measured on demonstrations, written next to the exported RM in
+`reward_normalization.json`, and applied wherever the RM scores (`score_sequences`).
+
+    python launch/train.py --config=configs/rm.py --workdir=runs/rm --config.task= \
+        --config.model.init_from=runs/sft --config.data.train.path=comparisons.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import losses, models, optim, sharding
+from rlhf_jax.trainers import batching, loop, setup
+from rlhf_jax.trainers import state as state_lib
+
+log = logging.getLogger("rlhf_jax")
+
+
+def rewards_bk(cfg, params, batch):
+  """Raw scalar rewards [B, K] of every response, read at its last token."""
+  b, k, t = batch["input_ids"].shape
+  flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
+  r = models.scores(cfg, params, flat(batch["input_ids"]), flat(batch["attention_mask"]),
+                    flat(batch["last_index"]))
+  return r.reshape(b, k)
+
+
+def prompts_with_pairs(ranks, valid):
+  """How many prompts have at least one valid pair with different ranks."""
+  both = valid[:, :, None] & valid[:, None, :]
+  return jnp.sum(jnp.any(both & (ranks[:, :, None] < ranks[:, None, :]), axis=(1, 2)))
+
+
+def make_train_step(cfg, tx, grad_accum: int):
+  """Ranking-loss update; microbatches weighted by their share of prompts with a pair."""
+
+  def micro_loss(params, micro, total_prompts):
+    loss, aux = losses.ranking_loss(rewards_bk(cfg, params, micro), micro["ranks"],
+                                    micro["valid"])
+    n = prompts_with_pairs(micro["ranks"], micro["valid"])
+    return loss * n / jnp.maximum(total_prompts, 1), aux["accuracy"] * n
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state, batch):
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+    total = prompts_with_pairs(batch["ranks"], batch["valid"])
+
+    def body(acc, mb):
+      (weighted, acc_n), grads = grad_fn(state["params"], mb, total)
+      return jax.tree.map(jnp.add, acc, (weighted, acc_n, grads)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+    (loss, acc_n, grads), _ = jax.lax.scan(body, zeros, micro)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(jnp.add, state["params"], updates)
+    new = state_lib.guarded(state, dict(state, params=params, opt_state=opt_state),
+                            state_lib.all_finite(loss, grads))
+    return new, dict(loss=loss, accuracy=acc_n / jnp.maximum(total, 1))
+
+  return step
+
+
+def make_eval_step(cfg):
+  def step(params, batch):
+    loss, aux = losses.ranking_loss(rewards_bk(cfg, params, batch), batch["ranks"],
+                                    batch["valid"])
+    n = prompts_with_pairs(batch["ranks"], batch["valid"])
+    return loss * n, aux["accuracy"] * n, n
+  return step
+
+
+def score_sequences(cfg, params, input_ids, attention_mask, last_index, normalization):
+  """Normalised reward of each sequence at `last_index`: (r - mean) [/ std]."""
+  raw = models.scores(cfg, params, input_ids, attention_mask, last_index)
+  scale = normalization["std"] if normalization.get("gain") else 1.0
+  return (raw - normalization["mean"]) / scale
+
+
+def measure_normalization(cfg, params, mesh, arrays, batch_size: int, gain: bool) -> dict:
+  """Mean (and std) of raw rewards on demonstrations (prompt + completion + eos)."""
+  fn = jax.jit(lambda p, ids, m, idx: models.scores(cfg, p, ids, m, idx))
+  n = len(arrays["input_ids"])
+  per_host = batch_size // jax.process_count()
+  scores = []
+  for start in range(0, n - n % batch_size, batch_size):
+    lo = start + jax.process_index() * per_host
+    ids = arrays["input_ids"][lo:lo + per_host]
+    mask = arrays["attention_mask"][lo:lo + per_host]
+    last = (mask.sum(-1) - 1).astype(np.int32)
+    batch = sharding.host_to_global(mesh, dict(ids=ids, mask=mask, last=last))
+    scores.append(np.asarray(jax.device_get(
+        jax.experimental.multihost_utils.process_allgather(
+            fn(params, batch["ids"], batch["mask"], batch["last"]), tiled=True))))
+  values = np.concatenate(scores) if scores else np.zeros((0,))
+  if values.size == 0:
+    return dict(mean=0.0, std=1.0, gain=False, n=0)
+  return dict(mean=float(values.mean()), std=float(values.std() + 1e-8), gain=bool(gain),
+              n=int(values.size))
+
+
+def train(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  if config.task == "default":
+    from rlhf_jax import pipeline
+    return pipeline.run_until("rm", config, workdir)
+  return train_stage(config, workdir)
+
+
+def train_stage(config, workdir: str) -> dict:
+  from rlhf_jax import data
+  import jax.experimental.multihost_utils  # noqa: F401  (used by measure_normalization)
+  mesh = setup.make_mesh(config)
+  rules = state_lib.parse_rules(config.sharding_rules)
+  init_dir = setup.resolve_model_dir(config.model.init_from, "scalar") \
+      if config.model.init_from else None
+  tokenizer = setup.load_tokenizer(config, init_dir)
+
+  def load(spec_cfg):
+    return data.load_comparisons(batching.spec_from_config(spec_cfg), tokenizer,
+                                 config.data.max_prompt_len, config.data.max_len,
+                                 config.rm.k_max)
+  train_data = load(config.data.train)
+  log.info("[rm] train data: %s", train_data.report)
+  eval_data = load(config.data.eval) if config.data.eval.path else None
+  if eval_data is not None:
+    log.info("[rm] eval data: %s", eval_data.report)
+
+  cfg, params, p_shard, source = setup.initial_model(
+      config, mesh, rules, "scalar", config.model.init_from, tokenizer=tokenizer)
+  n_examples = len(train_data.arrays["input_ids"])
+  total_steps = batching.total_steps(config.train, n_examples)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  shardings, init_state, abstract_state = state_lib.build(
+      mesh, config.seed, {"params": (params, p_shard, tx)})
+  batch_shard = sharding.batch_sharding(mesh, 1)
+  step_fn = jax.jit(make_train_step(cfg, tx, config.train.grad_accum),
+                    in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
+                    donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
+  it = batching.iterator(train_data.arrays, config.train.batch_size, config.seed)
+
+  def step(state, _):
+    return step_fn(state, sharding.host_to_global(mesh, next(it)))
+
+  def evaluate(state):
+    if eval_data is None:
+      return {}
+    loss = acc = count = 0.0
+    for batch in batching.eval_batches(eval_data.arrays, config.train.batch_size,
+                                       config.train.eval_batches):
+      l, a, n = eval_fn(state["params"], sharding.host_to_global(mesh, batch))
+      loss, acc, count = loss + float(l), acc + float(a), count + float(n)
+    return dict(loss=loss / max(count, 1.0), accuracy=acc / max(count, 1.0))
+
+  def finish(state):
+    norm = dict(mean=0.0, std=1.0, gain=False, n=0)
+    if config.rm.normalize != "none" and config.data.norm.path:
+      demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
+                            config.data.max_prompt_len, config.data.max_len)
+      norm = measure_normalization(cfg, state["params"], mesh, demos.arrays,
+                                   config.train.batch_size,
+                                   gain=config.rm.normalize == "bias_gain")
+      log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
+               norm["n"], norm["mean"], norm["std"])
+    out = setup.export(workdir, cfg, state["params"], tokenizer, "scalar", extra=norm)
+    log.info("[rm] exported reward model to %s", out)
+
+  setup.announce("rm", mesh, {"reward_model": source},
+                 {"reward_model": models.param_count(params)},
+                 dict(global_batch=config.train.batch_size, k_max=config.rm.k_max,
+                      grad_accum=config.train.grad_accum, seq_len=config.data.max_len,
+                      steps=total_steps, prompts=n_examples))
+  stage = loop.Stage(name="rm", total_steps=total_steps, init_state=init_state,
+                     abstract_state=abstract_state, step=step, evaluate=evaluate,
+                     data_state=it.state, restore_data_state=it.restore, finish=finish)
+  return loop.run(stage, workdir, config.train)
