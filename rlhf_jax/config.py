@@ -39,7 +39,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.sharding_rules = ""
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"       # used when init_from is '' (random init)
+  c.model.preset = "small"      # used when init_from is '' (random init)
   c.model.init_from = ""        # local HF dir or a previous stage's workdir ('' = preset)
   c.model.dtype = "float32"     # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = False         # rematerialise each block in the backward pass
@@ -129,12 +129,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for spec_path in ("data.train", "data.eval"):
     _check_spec(c, spec_path, required=(spec_path == "data.train" and c.task == ""
                                         and c.stage != "ppo"))
+  for extra_spec in ("norm", "ptx"):  # stage-specific datasets (rm / ppo)
+    if extra_spec in c.data:
+      _check_spec(c, f"data.{extra_spec}", required=False)
   _positive(c, "optim.lr")
   _positive(c, "optim.warmup_steps", allow_zero=True)
   _choice(c, "optim.schedule", ("cosine", "linear", "constant"))
   _positive(c, "optim.final_lr_frac", allow_zero=True)
   _positive(c, "optim.weight_decay", allow_zero=True)
   _positive(c, "optim.grad_clip", allow_zero=True)
+  for f in ("b1", "b2"):
+    if not 0.0 <= c.optim[f] < 1.0:
+      raise ConfigError(f"optim.{f}", c.optim[f], "a number in [0, 1)")
+  _positive(c, "optim.eps")
   for field in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
                 "max_consecutive_skips", "eval_batches"):
     _positive(c, f"train.{field}")
@@ -190,9 +197,11 @@ def ppo_config() -> ml_collections.ConfigDict:
       kl_target=6.0,
       kl_horizon=10000,
       no_eos_penalty=1.0,     # subtracted from the score of a response without EOS
-      ptx_coef=0.0,           # γ of PPO-ptx (InstructGPT: 27.8); 0 = plain PPO
+      ptx_coef=1.0,           # γ of PPO-ptx (InstructGPT: 27.8 on its loss scale); 0 = PPO
       ptx_batch_size=8,       # pretraining sequences per minibatch
       ema_decay=0.0,          # InstructGPT used 0.992; 0 = off
+      kl_warn=50.0,           # warn loudly (log + `kl_warn` metric) when KL exceeds this; 0 = off
+      score_warn=100.0,       # ... when |mean RM score| exceeds this (reward hacking); 0 = off
   ))
   c.data.ptx = data_spec()    # plain text for PPO-ptx
   c.optim.lr = 1e-5
@@ -207,12 +216,15 @@ def ppo_config() -> ml_collections.ConfigDict:
 def pipeline_config() -> ml_collections.ConfigDict:
   """Sizes of the embedded default task's stages (used only when config.task='default')."""
   return ml_collections.ConfigDict(dict(
-      corpus_docs=20000, demonstrations=300, rm_prompts=1000, k=4, eval_prompts=256,
-      rm_eval_prompts=200, labeler_temperature=0.15,
-      pretrain_steps=600, pretrain_lr=3e-3,
-      sft_steps=150, sft_lr=1e-3,
-      rm_steps=250, rm_lr=5e-4,
-      ppo_iterations=60,
+      n_letters=6, max_args=5,             # the world: letters a.., 2..max_args per prompt
+      p_correct=0.2, p_ramble=0.25, p_unsafe=0.15,  # corpus mix (+ filler .15, wrong .12,
+                                                     #  invented .13): how misaligned the base is
+      corpus_docs=20000, demonstrations=300, rm_prompts=4000, k=4, eval_prompts=256,
+      rm_eval_prompts=200, labeler_temperature=0.05,
+      pretrain_steps=2000, pretrain_lr=3e-3,
+      sft_steps=20, sft_lr=1e-4,
+      rm_steps=150, rm_lr=5e-4,
+      ppo_iterations=200, ppo_lr=1e-4, ppo_batch_size=64,
       compare_no_ptx=True,    # also train plain PPO to measure the alignment tax
       evaluate=True,
   ))
@@ -230,7 +242,7 @@ def validate_stage(c) -> None:
               "ptx_batch_size", "kl_target", "kl_horizon"):
       _positive(c, f"ppo.{f}")
     for f in ("clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "ptx_coef", "top_k",
-              "no_eos_penalty", "value_lr_scale"):
+              "no_eos_penalty", "value_lr_scale", "kl_warn", "score_warn"):
       _positive(c, f"ppo.{f}", allow_zero=True)
     if not 0.0 < p.top_p <= 1.0:
       raise ConfigError("ppo.top_p", p.top_p, "a number in (0, 1]")
@@ -257,12 +269,14 @@ def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDic
     if variant == "tiny":
       c.train.batch_size = 16
       c.train.log_every = 2
+      c.model.preset = "tiny"
       c.train.eval_batches = 1
       c.train.progress = False
       pc = c.pipeline
       pc.corpus_docs, pc.demonstrations, pc.rm_prompts = 600, 48, 48
       pc.eval_prompts, pc.rm_eval_prompts, pc.k = 32, 16, 3
       pc.pretrain_steps, pc.sft_steps, pc.rm_steps, pc.ppo_iterations = 6, 4, 4, 3
+      pc.ppo_batch_size = 16
       if "ppo" in c:
         c.ppo.iterations = 3
         c.ppo.minibatches = 2

@@ -7,13 +7,16 @@
 Shapes are static: the KV cache has length S = P + N for a prompt batch `[B, P]`, so one
 compilation serves every batch of a (B, P, N) bucket. The compiled function is cached by
 `jax.jit` on the static arguments `(cfg, max_new_tokens, top_k, greedy, use_top_p)` (and on
-the number of EOS ids); `temperature`, `top_p`, the EOS ids and `pad_id` are traced, so
-changing them (e.g. a temperature sweep) does not recompile. `top_p` given as a Python float >= 1.0 skips the
-nucleus sort altogether (a static decision); a traced `top_p` always pays for the sort.
+the number of EOS ids, padded to a multiple of 4); `temperature`, `top_p`, the EOS ids and
+`pad_id` are traced, so changing them (e.g. a temperature sweep) does not recompile. `top_p`
+given as a Python float >= 1.0 skips the nucleus sort altogether (a static decision); a
+traced `top_p` always pays for the sort.
 
 Prompts are LEFT padded. Row b's prompt positions are `cumsum(mask) - 1`; the j-th generated
 token of row b gets position `sum(mask[b]) + j`. The cache is written at slots `[0, P)` by
-the prefill and slot `P + j` for generated token j; the kv mask is the prompt mask followed
+the prefill and slot `P + j` for generated token j (the prefill covers the first P - 1
+prompt tokens only and the last one goes through the first decode step, so the prefill's
+unused `[B, P, V]` logits are never computed); the kv mask is the prompt mask followed
 by ones (causality already hides slots that are not written yet, and rows that have stopped
 produce outputs that are discarded).
 
@@ -136,9 +139,10 @@ def _select(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: in
 
 
 class _LoopState(NamedTuple):
-  step: jax.Array        # index of the last token chosen
+  step: jax.Array        # index of the next token to choose
+  feed: jax.Array        # [B] token to feed at slot prompt_len - 1 + step
   cache: dict
-  done: jax.Array        # [B] bool, row has emitted EOS (at or before `step`)
+  done: jax.Array        # [B] bool, row has emitted EOS (before `step`)
   rng: jax.Array
   tokens: jax.Array      # [B, N]
   logprobs: jax.Array    # [B, N]
@@ -151,42 +155,41 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
               *, max_new_tokens, top_k, greedy, use_top_p):
   batch, prompt_len = input_ids.shape
   n = max_new_tokens
+  input_ids = input_ids.astype(jnp.int32)
   attention_mask = attention_mask.astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
   kv_mask = jnp.concatenate([attention_mask, jnp.ones((batch, n), jnp.int32)], axis=-1)
-  next_pos = jnp.sum(attention_mask, axis=-1)                 # position of generated token 0
+  last_pos = positions[:, -1]               # position of the last prompt token (left padded)
 
-  def pick(s: _LoopState, logits: jax.Array, step: jax.Array, cache: dict) -> _LoopState:
-    """Chooses token `step` from `[B, V]` logits and records it."""
+  # Prefill all but the last prompt token. Its logits are unused, so XLA drops the
+  # [B, P, V] unembedding (about a third of the prefill FLOPs at GPT-2 small); the last
+  # prompt token goes through the first decode step, whose logits predict token 0.
+  cache = models.init_cache(cfg, batch, prompt_len + n)
+  if prompt_len > 1:
+    _, cache = models.forward_with_cache(cfg, params, input_ids[:, :-1], positions[:, :-1],
+                                         kv_mask, cache, 0)
+
+  def cond(s: _LoopState):
+    return (s.step < n) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    logits, cache = models.forward_with_cache(cfg, params, s.feed[:, None],
+                                              (last_pos + s.step)[:, None], kv_mask, s.cache,
+                                              prompt_len - 1 + s.step)
     rng, key = jax.random.split(s.rng)
-    tok, logp = _select(logits, key, temperature, top_k, top_p, greedy, use_top_p)
+    tok, logp = _select(logits[:, -1], key, temperature, top_k, top_p, greedy, use_top_p)
     live = ~s.done
     tok = jnp.where(live, tok, pad_id)
-    col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
+    col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], s.step, axis=1)
     done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
-    return _LoopState(step, cache, done, rng, col(s.tokens, tok),
+    return _LoopState(s.step + 1, tok, cache, done, rng, col(s.tokens, tok),
                       col(s.logprobs, jnp.where(live, logp, 0.0)),
                       col(s.mask, live.astype(jnp.int32)))
 
-  cache = models.init_cache(cfg, batch, prompt_len + n)
-  logits, cache = models.forward_with_cache(cfg, params, input_ids.astype(jnp.int32), positions,
-                                            kv_mask, cache, 0)
   state = _LoopState(
-      step=jnp.zeros((), jnp.int32), cache=cache, done=jnp.zeros((batch,), bool), rng=rng,
-      tokens=jnp.full((batch, n), pad_id, jnp.int32),
+      step=jnp.zeros((), jnp.int32), feed=input_ids[:, -1], cache=cache,
+      done=jnp.zeros((batch,), bool), rng=rng, tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32), mask=jnp.zeros((batch, n), jnp.int32))
-  state = pick(state, logits[:, -1], state.step, cache)
-
-  def cond(s: _LoopState):
-    return (s.step + 1 < n) & ~jnp.all(s.done)
-
-  def body(s: _LoopState):
-    # Feed token `step` (slot prompt_len + step) and choose token `step + 1`.
-    prev = jax.lax.dynamic_slice_in_dim(s.tokens, s.step, 1, axis=1)
-    logits, cache = models.forward_with_cache(cfg, params, prev, (next_pos + s.step)[:, None],
-                                              kv_mask, s.cache, prompt_len + s.step)
-    return pick(s, logits[:, -1], s.step + 1, cache)
-
   state = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(state.tokens, state.logprobs, state.mask)
 

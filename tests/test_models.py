@@ -145,7 +145,7 @@ def test_forward_with_cache_matches_full_forward(cfg):
   real = np.asarray(mask).astype(bool)
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=1e-5)
   assert set(cache) == {f"layer_{i}" for i in range(cfg.num_layers)}
-  assert cache["layer_0"]["k"].shape == (3, max_len, cfg.num_kv_heads, cfg.head_dim)
+  assert cache["layer_0"]["k"].shape == (3, cfg.num_kv_heads, max_len, cfg.head_dim)
 
 
 def test_bf16_close_to_float32():

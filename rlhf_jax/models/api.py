@@ -217,9 +217,13 @@ def scores(cfg: ModelConfig, params: Params, input_ids, attention_mask, index):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """Zeroed KV cache {"layer_i": {"k": [B,S,K,H], "v": [B,S,K,H]}} in `cfg.dtype`."""
+  """Zeroed KV cache {"layer_i": {"k": [B,K,S,H], "v": [B,K,S,H]}} in `cfg.dtype`.
+
+  K = kv heads, S = `max_len` slots, H = head width. The layout is internal to the models
+  package (`forward_with_cache` reads and writes it); callers only pass the dict along.
+  """
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for i in range(cfg.num_layers)}
 

@@ -164,24 +164,32 @@ class Attention(nnx.Module):
       cos, sin = rope
       q_btnh = apply_rope(q_btnh, cos, sin, cfg.rotary_dim)
       k_btkh = apply_rope(k_btkh, cos, sin, cfg.rotary_dim)
-    new_cache = None
-    if cache is not None:
-      k_bskh = jax.lax.dynamic_update_slice(cache["k"], k_btkh.astype(cache["k"].dtype),
-                                            (0, cache_index, 0, 0))
-      v_bskh = jax.lax.dynamic_update_slice(cache["v"], v_btkh.astype(cache["v"].dtype),
-                                            (0, cache_index, 0, 0))
-      new_cache = {"k": k_bskh, "v": v_bskh}
-      k_bskh, v_bskh = k_bskh.astype(dtype), v_bskh.astype(dtype)
-    else:
-      k_bskh, v_bskh = k_btkh, v_btkh
     b, t, n, h = q_btnh.shape
     kh = cfg.num_kv_heads
     q_btkgh = q_btnh.reshape(b, t, kh, n // kh, h) * jnp.asarray(1.0 / math.sqrt(h), dtype)
-    logits_bkgts = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh,
-                              preferred_element_type=jnp.float32)
+    new_cache = None
+    if cache is not None:
+      # The cache is [B, K, S, H]: S next to H, so the per-step attention reads each head's
+      # keys as one contiguous [S, H] matrix. With [B, S, K, H] XLA:CPU transposed the whole
+      # cache every decode step (about a third of a GPT-2-small step, docs/benchmarks.md).
+      # Only the T new rows are transposed here.
+      write = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+          c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+      k_bksh, v_bksh = write(cache["k"], k_btkh), write(cache["v"], v_btkh)
+      new_cache = {"k": k_bksh, "v": v_bksh}
+      k_bksh, v_bksh = k_bksh.astype(dtype), v_bksh.astype(dtype)
+      logits_bkgts = jnp.einsum("BTKGH,BKSH->BKGTS", q_btkgh, k_bksh,
+                                preferred_element_type=jnp.float32)
+    else:
+      k_bskh, v_bskh = k_btkh, v_btkh
+      logits_bkgts = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh,
+                                preferred_element_type=jnp.float32)
     logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, MASK_VALUE)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
-    out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
+    if cache is not None:
+      out_btkgh = jnp.einsum("BKGTS,BKSH->BTKGH", probs_bkgts, v_bksh)
+    else:
+      out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
     return self.o(out_btkgh.reshape(b, t, n, h), dtype), new_cache
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -41,12 +42,14 @@ def prepare_task_data(config, workdir: str) -> str:
   pc = config.pipeline
   if jax.process_index() == 0:
     tasks.build_tokenizer().save_pretrained(os.path.join(task_dir, "tokenizer"))
-    tasks.write_datasets(task_dir, seed=config.seed, sizes=dict(
+    world = task_config(config)
+    tasks.write_datasets(task_dir, seed=config.seed, config=world, sizes=dict(
         pretrain=pc.corpus_docs, sft_train=pc.demonstrations,
         sft_eval=max(pc.demonstrations // 4, 32),
         prompts_train=max(pc.rm_prompts, 512), prompts_eval=pc.eval_prompts))
     # Held-out documents of the same corpus: the "alignment tax" is measured on these.
-    held_out = tasks.pretraining_corpus(config.seed + 1000, max(pc.corpus_docs // 20, 64))
+    held_out = tasks.pretraining_corpus(config.seed + 1000, max(pc.corpus_docs // 20, 64),
+                                        config=world)
     with open(os.path.join(task_dir, "pretrain_eval.jsonl"), "w") as f:
       for text in held_out:
         f.write(json.dumps(dict(text=text)) + "\n")
@@ -55,12 +58,21 @@ def prepare_task_data(config, workdir: str) -> str:
   return task_dir
 
 
+def task_config(config):
+  """The built-in world: its letters, lengths and how misaligned the corpus is."""
+  from rlhf_jax import tasks
+  pc = config.pipeline
+  return tasks.TaskConfig(
+      n_letters=pc.n_letters, max_len=pc.max_args, p_filler=0.15, p_correct=pc.p_correct,
+      p_wrong=0.12, p_ramble=pc.p_ramble, p_invented=0.13, p_unsafe=pc.p_unsafe)
+
+
 def _common(c, config, stage: str, task_dir: str):
   """Copies what every stage shares from the user's config."""
   c.stage = stage
   c.task = ""
   c.seed = config.seed
-  c.mesh = config.mesh
+  c.mesh = copy.deepcopy(config.mesh)
   c.sharding_rules = config.sharding_rules
   c.model.dtype = config.model.dtype
   c.model.remat = config.model.remat
@@ -101,8 +113,8 @@ def stage_config(stage: str, config, workdir: str, task_dir: str):
     c.train.steps, c.optim.lr, c.optim.warmup_steps = pc.rm_steps, pc.rm_lr, 10
   elif stage in ("ppo", "ppo_noptx"):
     c = config_lib.ppo_config()
-    c.ppo = config.ppo
-    c.optim = config.optim
+    c.ppo = copy.deepcopy(config.ppo)      # the user's config stays as it was given
+    c.optim = copy.deepcopy(config.optim)
     c = _common(c, config, "ppo", task_dir)
     c.model.init_from = os.path.join(workdir, "sft")
     c.ppo.reward_from = os.path.join(workdir, "rm")
@@ -110,6 +122,8 @@ def stage_config(stage: str, config, workdir: str, task_dir: str):
     c.data.eval.path = path("prompts_eval.jsonl")
     c.data.ptx.path = path("pretrain.jsonl")
     c.ppo.iterations = pc.ppo_iterations
+    c.optim.lr = pc.ppo_lr
+    c.train.batch_size = pc.ppo_batch_size
     c.ppo.max_new_tokens = min(config.ppo.max_new_tokens, MAX_NEW_TOKENS)
     c.train.log_every = 1
     if stage == "ppo_noptx":
@@ -166,7 +180,8 @@ def collect_rankings(config, workdir: str, task_dir: str) -> None:
     for i, prompt in enumerate(prompts.texts[:n]):
       responses = resp.texts[i * pc.k:(i + 1) * pc.k]
       finished = [bool(x) for x in resp.has_eos[i * pc.k:(i + 1) * pc.k]]
-      ranks = oracle.rank(prompt, responses, rng, finished=finished)
+      ranks = tie_identical(responses, finished, oracle.rank(prompt, responses, rng,
+                                                              finished=finished))
       rows.append(dict(prompt=prompt, responses=responses, ranks=[int(r) for r in ranks],
                        finished=finished))
     if jax.process_index() == 0:
@@ -174,3 +189,15 @@ def collect_rankings(config, workdir: str, task_dir: str) -> None:
         for row in rows:
           f.write(json.dumps(row) + "\n")
       os.replace(out + ".tmp", out)
+
+
+def tie_identical(responses, finished, ranks) -> list:
+  """Identical responses get one rank (the best they drew): a labeler can't prefer a copy.
+
+  The oracle's Plackett–Luce noise orders equal scores at random; left as they are, pairs of
+  identical texts would be label noise for the RM. Tied pairs are dropped by the loss.
+  """
+  best: dict = {}
+  for text, fin, rank in zip(responses, finished, ranks):
+    best[(text, fin)] = min(best.get((text, fin), rank), int(rank))
+  return [best[(text, fin)] for text, fin in zip(responses, finished)]

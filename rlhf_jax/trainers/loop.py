@@ -83,6 +83,14 @@ def _to_python(tree: dict) -> dict:
   return out
 
 
+def _has_final_eval(writer: metrics.MetricsWriter, stage: Stage) -> bool:
+  """Whether metrics.jsonl already holds this stage's end-of-run eval record."""
+  if not writer.enabled:
+    return False
+  return any(r.get("step") == stage.total_steps and any(k.startswith("eval/") for k in r)
+             for r in metrics.read_metrics(writer.workdir, stage.name))
+
+
 def run(stage: Stage, workdir: str, train_cfg) -> dict:
   """Runs `stage` to completion (or preemption). Returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -111,21 +119,23 @@ def run(stage: Stage, workdir: str, train_cfg) -> dict:
         bar.update(1)
         done = step + 1
         is_last = done == stage.total_steps
-        if done % train_cfg.log_every == 0 or is_last:
+        # One scalar per step: N skips in a row must stop the run even between log steps.
+        skips = int(jax.device_get(state["consecutive_skips"]))
+        diverged = skips >= train_cfg.max_consecutive_skips
+        if done % train_cfg.log_every == 0 or is_last or diverged:
           last = _to_python(step_metrics)
-          counters = _to_python(dict(consecutive_skips=state["consecutive_skips"],
-                                     total_skips=state["total_skips"]))
-          last.update(counters)
+          last.update(_to_python(dict(consecutive_skips=state["consecutive_skips"],
+                                      total_skips=state["total_skips"])))
           elapsed = time.perf_counter() - window_start
           last["steps_per_sec"] = window_steps / max(elapsed, 1e-9)
           window_start, window_steps = time.perf_counter(), 0
-          if counters["consecutive_skips"] >= train_cfg.max_consecutive_skips:
+          if diverged:
             writer.write(done, last)
             raise DivergenceError(
-                f"[{stage.name}] {counters['consecutive_skips']} non-finite updates in a row "
-                f"at step {done} (train.max_consecutive_skips="
-                f"{train_cfg.max_consecutive_skips}); the last good checkpoint in "
-                f"{ckpt.directory} is kept. Lower optim.lr or check the data.")
+                f"[{stage.name}] {skips} non-finite updates in a row at step {done} "
+                f"(train.max_consecutive_skips={train_cfg.max_consecutive_skips}); "
+                f"stopped without saving. The last good checkpoint in {ckpt.directory} "
+                f"(step {ckpt.latest_step()}) is kept. Lower optim.lr or check the data.")
           if stage.evaluate is not None and train_cfg.eval_every and \
               done % train_cfg.eval_every == 0 and not is_last:
             last.update({f"eval/{k}": v for k, v in stage.evaluate(state).items()})
@@ -141,8 +151,11 @@ def run(stage: Stage, workdir: str, train_cfg) -> dict:
           break
     if not preempted:
       if stage.evaluate is not None:
+        # Every process evaluates (it may be collective); the record is written once: a
+        # rerun of a finished run (or one killed after its final eval) does not repeat it.
         final_eval = {f"eval/{k}": v for k, v in stage.evaluate(state).items()}
-        writer.write(stage.total_steps, final_eval)
+        if final_eval and not _has_final_eval(writer, stage):
+          writer.write(stage.total_steps, final_eval)
         last.update(final_eval)
       if stage.finish is not None:
         stage.finish(state)

@@ -14,6 +14,7 @@ KL coefficient is fixed or adaptive (Ziegler et al. 2019) and lives in the state
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import jax
@@ -141,6 +142,7 @@ def train_stage(config, workdir: str) -> dict:
   reward_dir = setup.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
   value_from = p.value_from or p.reward_from
   tokenizer = setup.load_tokenizer(config, policy_dir)
+  _check_tokenizers(config, tokenizer, reward_dir, value_from)
   prompts, ptx = _load_data(config, tokenizer)
 
   policy_cfg, ref, pol_shard, pol_src = setup.initial_model(
@@ -223,6 +225,7 @@ def train_stage(config, workdir: str) -> dict:
     jax.block_until_ready(state["step"])
     t3 = time.perf_counter()
     metrics = dict(metrics, **train_metrics)
+    metrics.update(_warn_bounds(index, float(metrics["kl"]), float(metrics["score"]), p))
     metrics.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                    tokens_per_sec=float(B * N) / max(t1 - t0, 1e-9))
     return state, metrics
@@ -265,6 +268,43 @@ def train_stage(config, workdir: str) -> dict:
                      restore_data_state=lambda d: _restore_iters(d, prompt_it, ptx_it),
                      finish=finish)
   return loop.run(stage, workdir, config.train)
+
+
+def _check_tokenizers(config, tokenizer, reward_dir: str, value_from: str) -> None:
+  """The RM (and value model) must read the policy's token ids: same tokenizer, or fail now."""
+  from rlhf_jax import data
+  checks = [("reward model", reward_dir)]
+  if value_from != config.ppo.reward_from:
+    checks.append(("value model",
+                   setup.resolve_model_dir(value_from, "scalar", "ppo.value_from")))
+  for name, model_dir in checks:
+    if not any(os.path.isfile(os.path.join(model_dir, f))
+               for f in ("tokenizer_config.json", "tokenizer.json")):
+      log.warning("[ppo] no tokenizer saved next to the %s (%s): cannot check that it "
+                  "matches the policy's", name, model_dir)
+      continue
+    import transformers
+    other = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if other.pad_token is None and other.eos_token is not None:
+      other.pad_token = other.eos_token
+    data.check_same_tokenizer(tokenizer, other, names=("policy", name))
+
+
+def _warn_bounds(index: int, kl: float, score: float, p) -> dict:
+  """Loud log lines (and 0/1 metrics) when KL or the RM score leave `ppo.*_warn` bounds."""
+  flags = {}
+  for name, value, bound, why in (
+      ("kl", kl, p.kl_warn, "the policy is drifting far from the SFT model"),
+      ("score", score, p.score_warn, "the policy may be exploiting the reward model")):
+    if not bound:
+      continue
+    exceeded = not np.isfinite(value) or abs(value) > bound
+    flags[f"{name}_warn"] = int(exceeded)
+    if exceeded:
+      log.warning("[ppo] WARNING iteration %d: %s=%.4g is beyond ppo.%s_warn=%g: %s "
+                  "(lower optim.lr / raise ppo.kl_coef)", index + 1, name, value, name,
+                  bound, why)
+  return flags
 
 
 def _restore_iters(d: dict, prompt_it, ptx_it) -> None:

@@ -36,11 +36,19 @@ def response_logprobs(cfg, params, input_ids, attention_mask, prompt_len: int,
                       temperature: float, with_entropy: bool = False):
   """log π(y_t) of each response token under softmax(logits / T), and optionally entropy.
 
-  The logits of the whole sequence are sliced to the N positions that predict response
-  tokens before the log-softmax, so the [B, T, V] float32 array never outlives this call.
+  Only the N positions that predict response tokens are unembedded: the final hidden states
+  are sliced before the [D, V] matmul, so neither the prompt positions' share of the LM
+  head's FLOPs nor a [B, P+N, V] float32 logits array is ever computed (XLA does not push
+  a slice of the logits back through the matmul). Same numerics as `models.logits`
+  (`transformer.Model.unembed`) on those positions.
   """
-  logits = models.logits(cfg, params, input_ids, attention_mask)
-  logits = logits[:, prompt_len - 1:-1].astype(jnp.float32) / temperature
+  hidden = models.hidden_states(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
+  if cfg.tie_word_embeddings:
+    w_dv = params["backbone"]["embed"]["embedding"].T
+  else:
+    w_dv = params["lm_head"]["kernel"]
+  logits = jnp.einsum("BTD,DV->BTV", hidden, w_dv.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32) / temperature
   targets = input_ids[:, prompt_len:]
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]

@@ -177,7 +177,13 @@ def train_stage(config, workdir: str) -> dict:
                                    gain=config.rm.normalize == "bias_gain")
       log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
                norm["n"], norm["mean"], norm["std"])
-    out = setup.export(workdir, cfg, state["params"], tokenizer, "scalar", extra=norm)
+    # HF's `score` layer has no bias: fold ours into the normalisation's mean, so the exported
+    # model gives the same normalised rewards in transformers as here.
+    params = dict(state["params"], head=dict(state["params"]["head"]))
+    bias = float(np.asarray(jax.device_get(params["head"]["bias"])).reshape(-1)[0])
+    params["head"]["bias"] = jnp.zeros_like(params["head"]["bias"])
+    norm = dict(norm, mean=norm["mean"] - bias)
+    out = setup.export(workdir, cfg, params, tokenizer, "scalar", extra=norm)
     log.info("[rm] exported reward model to %s", out)
 
   setup.announce("rm", mesh, {"reward_model": source},

@@ -93,7 +93,10 @@ def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: i
     params = state_lib.place(params, shardings)
     source = model_dir
   else:
-    cfg = models.get_preset(config.model.preset).replace(dtype=dtype, remat=remat)
+    try:
+      cfg = models.get_preset(config.model.preset).replace(dtype=dtype, remat=remat)
+    except ValueError as e:
+      raise ConfigError("model.preset", config.model.preset, str(e).split("; ")[-1]) from None
     if tokenizer is not None:
       cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tokenizer)) if
                         config.model.preset != "tiny" else len(tokenizer),

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole benchmark harness in one go on one GPU (issue 7): a ~1B Llama shape
+# (Llama-3.2-1B dims, random weights) in bfloat16 compute with float32 master params.
+#
+#   bash bench/gpu.sh              # on an H100: JAX (CUDA), PyTorch and transformers preinstalled
+#   bash bench/gpu.sh --dry-run    # the same steps with the tiny shape on CPU (checks the script)
+#
+# No network is needed: the package travels as source (PYTHONPATH=$PWD), nothing is
+# downloaded, the TRL peer runs only where bench/.venv-trl exists. Budget: each step has its
+# own `timeout` and the sum stays under 10 minutes; a step that fails or times out is
+# recorded in status.txt and the next one still runs. Figures (markdown rows, JSON, logs)
+# go to $OUT (default ./bench_out); copy the rows into docs/benchmarks.md.
+#
+# Steps:
+#   1. train_step.py  SFT + RM step, batch 32 × seq 128: tokens/s, MFU vs the measured bf16
+#                     matmul peak (target >= 40 % on an H100).
+#   2. ppo_iteration.py --generate-only  batch 64, prompt 64, 128 new tokens: tokens/s vs the
+#                     bandwidth roofline (target: within 2× of it).
+#   3. ppo_iteration.py  one PPO iteration, batch 32, prompt 64 + response 64, 1 epoch × 4
+#                     minibatches: episodes/s, phase split and MFU.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-$PWD/bench_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  SHAPE=tiny; DTYPE=float32; PEAK_N=1024; T_TRAIN=300; T_GEN=300; T_PPO=400
+  export JAX_PLATFORMS=cpu
+else
+  SHAPE=llama-1b; DTYPE=bfloat16; PEAK_N=8192; T_TRAIN=170; T_GEN=130; T_PPO=260
+  # Four 1.2B-param models + two AdamW states (~40 GB in float32) fit an 80 GB H100.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+fi
+
+: > "$OUT/status.txt"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "host: $(uname -n); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader
+  "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+step() {   # step NAME SECONDS ARGS...: run one harness step under a time limit, never abort
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$limit" "$PY" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/status.txt"
+  tail -n 25 "$OUT/$name.log"
+}
+
+step train_step "$T_TRAIN" bench/train_step.py --shape "$SHAPE" --dtype "$DTYPE" \
+  --batch 32 --seq 128 --steps 5 --peak-n "$PEAK_N" \
+  --append "$OUT/benchmarks.md" --json "$OUT/train_step.json"
+step generate "$T_GEN" bench/ppo_iteration.py --shape "$SHAPE" --dtype "$DTYPE" \
+  --generate-only --batch 64 --prompt-len 64 --new-tokens 128 --iterations 3 \
+  --peak-n "$PEAK_N" --append "$OUT/benchmarks.md" --json "$OUT/generate.json"
+step ppo_iteration "$T_PPO" bench/ppo_iteration.py --shape "$SHAPE" --dtype "$DTYPE" \
+  --batch 32 --prompt-len 64 --new-tokens 64 --epochs 1 --minibatches 4 --iterations 2 \
+  --peak-n "$PEAK_N" --append "$OUT/benchmarks.md" --json "$OUT/ppo_iteration.json" \
+  $( [[ -x bench/.venv-trl/bin/python ]] && echo --trl )
+
+echo "figures in $OUT:"; ls -l "$OUT"
+! grep -v " rc=0 " "$OUT/status.txt"   # exit non-zero if any step failed

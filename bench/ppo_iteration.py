@@ -1,0 +1,348 @@
+"""One full PPO iteration (rollout, experience, update): episodes/s, time split and MFU per phase.
+
+Wires the trainers' own pieces exactly as `trainers.ppo.train_stage` does, with random
+weights: rollout with `sampling.generate`, experience (policy / reference log-probs, values,
+reward-model scores, KL-penalised rewards, GAE) with `ppo_experience.make_experience_fn`, and
+`ppo.epochs` × `ppo.minibatches` updates with `ppo.make_update_fn` (+ the KL-controller
+step), each jitted with the state's shardings and donation on a 1-device mesh.
+
+    python bench/ppo_iteration.py --shape tiny --iterations 3
+    python bench/ppo_iteration.py --shape gpt2 --iterations 1 --trl    # + TRL's PPOTrainer
+    python bench/ppo_iteration.py --shape gpt2 --generate-only --batch 16 --new-tokens 128
+
+Every response is generated to its full length (no EOS during the rollout; TRL's side does
+the same), so both sides do the same work. PPO-ptx is off by default (TRL has no ptx term).
+With `--trl`, `bench/trl_peer.py` runs in `bench/.venv-trl` (see that file) as a subprocess
+after the JAX side, with the same shape, batch, lengths, epochs and minibatches, and the row
+reports the ratio of episodes/s.
+
+Phase FLOPs (model FLOPs as in `bench/common.py`; MFU against the f32 matmul peak measured in
+the same run): generate = prefill of P-1 prompt tokens + N one-token decode steps (each
+attending over the whole P+N cache, LM head on the N sampled positions); score = policy and
+reference forwards (LM head on the N response positions) + value and reward forwards over
+P+N tokens; train = 3 × (policy + value forwards) per epoch. The generation roofline is the
+bytes one decode step must read (all params + the whole KV cache) / the copy bandwidth
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
+
+SECTION = "## PPO iteration: episodes/s, phase split and MFU (vs TRL 0.19 PPOTrainer)"
+INTRO = """
+`bench/ppo_iteration.py`: one PPO iteration as `trainers.ppo.train_stage` runs it (rollout
+with `sampling.generate`, `ppo_experience.make_experience_fn`, `ppo.make_update_fn` + the KL
+step), random weights, 1-device mesh, float32, no EOS during the rollout (every response is
+full length), no ptx term. Time = median over the timed iterations after one warm-up
+iteration; episodes/s = batch / iteration time. Per-phase MFU against the f32 matmul peak
+measured in the same run (`bench/common.py`); the generation roofline = (all param bytes +
+whole KV cache bytes) per decode step / measured copy bandwidth. `compiles` = XLA backend
+compilations during the timed iterations (must be 0). TRL: `bench/trl_peer.py` (TRL 0.19
+`PPOTrainer`, PyTorch, same shapes/batch/lengths/epochs/minibatches, random weights, the
+best over `--torch-threads`), run in the same invocation after the JAX side.
+"""
+HEADER = ("| date | shape | B × (P+N) | epochs × mb | iter s | episodes/s | generate s (MFU) | "
+          "score s (MFU) | train s (MFU) | gen tok/s (roofline) | compiles | TRL episodes/s "
+          "| JAX / TRL | matmul peak, bandwidth | machine, load | versions | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+GEN_SECTION = "## Generation roofline: `sampling.generate` vs the memory-bandwidth bound"
+GEN_INTRO = """
+`bench/ppo_iteration.py --generate-only`: one `sampling.generate` call (random weights, no
+EOS, temperature 1, median of the timed calls after a compile call). A decode step must
+read every param (as stored: float32 master weights, also under a bfloat16 compute dtype)
+and the whole KV cache (P + N slots); roofline tok/s = batch × copy bandwidth / those bytes,
+the bandwidth measured in the same run (a donated `x + 1` over 256 MiB, best of 5).
+Prefill and the LM head's FLOPs are not in the bound, so short prompts approach it best.
+"""
+GEN_HEADER = ("| date | shape | dtype | batch | prompt | new | call s | tok/s | MiB read / step "
+              "| bandwidth GB/s | roofline tok/s | of roofline | MFU | compiles | machine, load "
+              "| versions | command |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+SHAPES = {"tiny": "tiny", "small": "small", "gpt2": "gpt2", "gpt2-small": "gpt2",
+          "llama-1b": "llama-1b"}
+
+
+def phase_flops(cfg, b: int, p: int, n: int, epochs: int) -> dict:
+  s = p + n
+  gen = (common.forward_flops(cfg, b * (p - 1), s, lm_head=True, head_tokens=0)
+         + common.forward_flops(cfg, b * n, s, lm_head=True))
+  policy_fwd = common.forward_flops(cfg, b * s, s, lm_head=True, head_tokens=b * n)
+  scalar_fwd = common.forward_flops(cfg, b * s, s, lm_head=False)
+  score = 2 * policy_fwd + 2 * scalar_fwd
+  train = epochs * 3 * (policy_fwd + scalar_fwd)
+  return dict(generate=gen, score=score, train=train)
+
+
+def decode_bytes(cfg, params_bytes: int, b: int, cache_len: int) -> int:
+  """Bytes one decode step reads at least: every param and the whole KV cache."""
+  itemsize = 2 if cfg.dtype == "bfloat16" else 4
+  cache = 2 * cfg.num_layers * b * cfg.num_kv_heads * cache_len * cfg.head_dim * itemsize
+  return params_bytes + cache
+
+
+def build(cfg, args, mesh):
+  """States, jitted functions and a one-iteration closure, as ppo.train_stage wires them."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlhf_jax import config as config_lib
+  from rlhf_jax import losses, models, optim, sampling, sharding
+  from rlhf_jax.trainers import ppo as ppo_lib
+  from rlhf_jax.trainers import ppo_experience as experience_lib
+  from rlhf_jax.trainers import state as state_lib
+
+  conf = config_lib.ppo_config()
+  p = conf.ppo
+  p.epochs, p.minibatches, p.max_new_tokens = args.epochs, args.minibatches, args.new_tokens
+  p.ptx_coef = 0.0
+  rules = state_lib.parse_rules("")
+  c_shard = state_lib.model_shardings(mesh, cfg, "causal", rules)
+  s_shard = state_lib.model_shardings(mesh, cfg, "scalar", rules)
+  ref = jax.jit(lambda: models.init(cfg, jax.random.key(0), kind="causal"),
+                out_shardings=c_shard)()
+  policy = jax.tree.map(jnp.copy, ref)
+  reward = jax.jit(lambda: models.causal_to_scalar(
+      cfg, models.init(cfg, jax.random.key(1), kind="causal"), jax.random.key(2)),
+      out_shardings=s_shard)()
+  value = jax.tree.map(jnp.copy, reward)
+  normalization = dict(mean=0.0, std=1.0, gain=False)
+  eos_id = cfg.vocab_size - 1          # for the experience's no-EOS penalty only
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  steps = max(args.iterations + 1, 1) * p.epochs * p.minibatches
+  policy_tx = optim.make_optimizer(conf.optim, steps)
+  value_tx = optim.make_optimizer(conf.optim, steps, lr_scale=p.value_lr_scale)
+  shardings, base_init, _ = state_lib.build(
+      mesh, 0, {"policy": (policy, c_shard, policy_tx), "value": (value, s_shard, value_tx)})
+  kl_init = losses.kl_controller_init(p.kl_controller, p.kl_coef, p.kl_target,
+                                      p.kl_horizon)._asdict()
+  shardings["kl_ctl"] = jax.tree.map(lambda _: sharding.replicated(mesh), kl_init)
+  state = base_init()
+  state["kl_ctl"] = jax.device_put(kl_init, shardings["kl_ctl"])
+  del policy, value
+
+  exp_fn = jax.jit(experience_lib.make_experience_fn(cfg, cfg, cfg, p, normalization, eos_id, P))
+  update_fn = jax.jit(ppo_lib.make_update_fn(cfg, cfg, p, policy_tx, value_tx, P, use_ptx=False),
+                      in_shardings=(shardings, None, None, None),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+  kl_fn = jax.jit(ppo_lib.make_kl_update_fn(p, B), donate_argnums=(0,),
+                  in_shardings=(shardings, None), out_shardings=shardings)
+  rs = np.random.RandomState(0)
+  prompts = [sharding.host_to_global(mesh, dict(
+      input_ids=rs.randint(1, cfg.vocab_size - 1, size=(B, P)).astype(np.int32),
+      attention_mask=np.ones((B, P), np.int32))) for _ in range(2)]
+  base_key = jax.random.PRNGKey(0)
+  ptx_dummy = jnp.zeros((p.minibatches,))
+
+  def generate(policy_params, batch, key):
+    return sampling.generate(cfg, policy_params, batch["input_ids"], batch["attention_mask"],
+                             key, max_new_tokens=N, temperature=p.temperature, top_k=p.top_k,
+                             top_p=p.top_p, eos_id=None, pad_id=0)
+
+  def iteration(state, index):
+    # The body of ppo.train_stage's `step`, with its three timers.
+    t0 = time.perf_counter()
+    gen_key, perm_key = jax.random.split(jax.random.fold_in(base_key, index))
+    batch = prompts[index % 2]
+    out = generate(state["policy"], batch, gen_key)
+    jax.block_until_ready(out.tokens)
+    t1 = time.perf_counter()
+    exp, metrics = exp_fn(state["policy"], ref, state["value"], reward,
+                          state["kl_ctl"]["kl_coef"], batch["input_ids"],
+                          batch["attention_mask"], out.tokens, out.mask)
+    jax.block_until_ready(exp)
+    t2 = time.perf_counter()
+    state, train_metrics = update_fn(state, exp, ptx_dummy, perm_key)
+    state = kl_fn(state, metrics["kl"])
+    jax.block_until_ready(state["step"])
+    t3 = time.perf_counter()
+    return state, dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, total=t3 - t0,
+                       loss=float(train_metrics["loss"]),
+                       tokens=int(np.asarray(out.mask).sum()))
+
+  return state, iteration, generate, prompts, ref
+
+
+def run_trl(args) -> dict | None:
+  """Runs bench/trl_peer.py in its venv for each thread count; the fastest, or None."""
+  if not os.path.exists(TRL_PYTHON):
+    print(f"# TRL peer skipped: {TRL_PYTHON} not found (see bench/trl_peer.py)", flush=True)
+    return None
+  best = None
+  for threads in [int(t) for t in args.torch_threads.split(",")]:
+    cmd = [TRL_PYTHON, os.path.join(HERE, "trl_peer.py"), "--shape", args.shape,
+           "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--epochs", str(args.epochs),
+           "--minibatches", str(args.minibatches), "--iterations", str(args.iterations),
+           "--threads", str(threads)]
+    print("# " + " ".join(cmd), flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=args.trl_timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+      print(f"# TRL peer failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+            f"{proc.stderr[-3000:]}", flush=True)
+      continue
+    r = json.loads(lines[-1][len("RESULT "):])
+    print(f"trl ({threads} thr): iteration {r['iter_s']:.2f} s (runs "
+          f"{', '.join(f'{t:.2f}' for t in r['times'])}), {r['episodes_s']:.3f} episodes/s, "
+          f"generate {r['generate_s']:.2f} s", flush=True)
+    if best is None or r["episodes_s"] > best["episodes_s"]:
+      best = r
+  return best
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt-len", type=int, default=64)
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--epochs", type=int, default=1)
+  ap.add_argument("--minibatches", type=int, default=4)
+  ap.add_argument("--iterations", type=int, default=2, help="timed iterations after warm-up")
+  ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  ap.add_argument("--generate-only", action="store_true",
+                  help="time sampling.generate alone (tokens/s and its roofline)")
+  ap.add_argument("--trl", action="store_true", help="also run TRL's PPOTrainer (peer)")
+  ap.add_argument("--torch-threads", default=str(os.cpu_count()),
+                  help="comma-separated torch thread counts for the peer; fastest reported")
+  ap.add_argument("--trl-timeout", type=int, default=3600)
+  ap.add_argument("--peak-n", type=int, default=2048)
+  ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+  ap.add_argument("--append", metavar="MD", help="append the row to this markdown file")
+  args = ap.parse_args(argv)
+
+  import jax
+  import numpy as np
+  from rlhf_jax import models, sharding
+
+  cfg = models.get_preset(SHAPES[args.shape], dtype=args.dtype)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  load_start = common.load()
+  peak = common.matmul_peak_flops(args.peak_n,
+                                  dtype="bfloat16" if args.dtype == "bfloat16" else "float32")
+  bw = common.copy_bandwidth()
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  print(f"# {args.shape}: {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}; "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s; "
+        f"load {load_start:.2f}", flush=True)
+  t0 = time.perf_counter()
+  state, iteration, generate, prompts, ref = build(cfg, args, mesh)
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(ref))
+  step_bytes = decode_bytes(cfg, params_bytes, B, P + N)
+  roofline_tps = B * bw / step_bytes
+  print(f"# setup {time.perf_counter() - t0:.1f} s; decode step reads >= "
+        f"{step_bytes / 2**20:.0f} MiB -> roofline {roofline_tps:.0f} tok/s", flush=True)
+  flops = phase_flops(cfg, B, P, N, args.epochs)
+  result = dict(shape=args.shape, batch=B, prompt_len=P, new_tokens=N, peak=peak,
+                bandwidth=bw, roofline_tps=roofline_tps, load_start=load_start)
+
+  if args.generate_only:
+    key = jax.random.key(0)
+    run = lambda: jax.block_until_ready(generate(state["policy"], prompts[0], key))  # noqa
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    times = []
+    with common.CompileCounter() as cc:
+      for _ in range(max(args.iterations, 1)):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    gen_s = statistics.median(times)
+    result.update(generate_s=gen_s, tokens_s=B * N / gen_s, compiles=cc.count,
+                  compile_s=max(first - gen_s, 0.0),
+                  generate_mfu=flops["generate"] / gen_s / peak)
+    print(f"generate: {gen_s:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}), "
+          f"{B * N / gen_s:.1f} tok/s = {B * N / gen_s / roofline_tps:.1%} of the roofline "
+          f"({roofline_tps:.0f} tok/s), MFU {result['generate_mfu']:.1%}, compile "
+          f"~{result['compile_s']:.1f} s, compiles after warm-up {cc.count}; load "
+          f"{common.load():.2f}", flush=True)
+    if args.append:
+      row = (f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, V "
+             f"{cfg.vocab_size}) | {args.dtype} | {B} | {P} | {N} | {gen_s:.2f} "
+             f"| {B * N / gen_s:.1f} | {step_bytes / 2**20:.0f} | {bw / 1e9:.1f} "
+             f"| {roofline_tps:.0f} | {B * N / gen_s / roofline_tps:.1%} "
+             f"| {result['generate_mfu']:.1%} | {cc.count} "
+             f"| {common.machine()}, load {load_start:.1f}→{common.load():.1f} "
+             f"| {common.versions()} | `{common.command_line(argv, __file__)}` |")
+      common.append_section_rows(args.append, GEN_SECTION, GEN_INTRO, GEN_HEADER, [row])
+      print(GEN_HEADER + row + f"\n# appended to {args.append}")
+    _write_json(args, result)
+    return result
+
+  t0 = time.perf_counter()
+  state, warm = iteration(state, 0)
+  print(f"# warm-up iteration {time.perf_counter() - t0:.1f} s (compiles included): "
+        + ", ".join(f"{k} {warm[k]:.1f}" for k in ("generate", "score", "train")), flush=True)
+  runs = []
+  with common.CompileCounter() as cc:
+    for i in range(args.iterations):
+      state, m = iteration(state, i + 1)
+      runs.append(m)
+      print(f"iteration {i + 1}: " + ", ".join(f"{k} {m[k]:.2f} s" for k in
+                                                ("generate", "score", "train", "total"))
+            + f", loss {m['loss']:.4f}, load {common.load():.2f}", flush=True)
+  med = {k: statistics.median(r[k] for r in runs) for k in ("generate", "score", "train", "total")}
+  assert all(r["tokens"] == B * N for r in runs), "a row stopped early"
+  mfu = {k: flops[k] / med[k] / peak for k in flops}
+  result.update(iter_s=med["total"], episodes_s=B / med["total"], phases=med, mfu=mfu,
+                compiles=cc.count, gen_tps=B * N / med["generate"],
+                total_mfu=sum(flops.values()) / med["total"] / peak)
+  print(f"jax: {result['episodes_s']:.3f} episodes/s; generate {med['generate']:.2f} s "
+        f"(MFU {mfu['generate']:.1%}, {result['gen_tps']:.0f} tok/s, roofline "
+        f"{roofline_tps:.0f}), score {med['score']:.2f} s (MFU {mfu['score']:.1%}), train "
+        f"{med['train']:.2f} s (MFU {mfu['train']:.1%}); compiles after warm-up {cc.count}",
+        flush=True)
+  load_mid = common.load()
+  trl = run_trl(args) if args.trl else None
+  result["trl"] = trl
+  ratio = result["episodes_s"] / trl["episodes_s"] if trl else float("nan")
+  result["ratio"] = ratio
+  if trl:
+    print(f"JAX / TRL episodes/s: {ratio:.2f}x", flush=True)
+  load_end = common.load()
+  cmd = common.command_line(argv, __file__)
+  trl_cell = (f"{trl['episodes_s']:.3f} ({trl['threads']} thr; gen {trl['generate_s']:.1f} s, "
+              f"rest {trl['iter_s'] - trl['generate_s']:.1f} s)") if trl else "—"
+  row = (f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, V "
+         f"{cfg.vocab_size}) | {B} × ({P}+{N}) | {args.epochs} × {args.minibatches} "
+         f"| {med['total']:.2f} | {result['episodes_s']:.3f} "
+         f"| {med['generate']:.2f} ({mfu['generate']:.1%}) | {med['score']:.2f} ({mfu['score']:.1%}) "
+         f"| {med['train']:.2f} ({mfu['train']:.1%}) | {result['gen_tps']:.0f} ({roofline_tps:.0f}) "
+         f"| {cc.count} | {trl_cell} | {ratio:.2f}× "
+         f"| {peak / 1e9:.0f} GFLOP/s, {bw / 1e9:.1f} GB/s "
+         f"| {common.machine()}, load {load_start:.1f}→{load_mid:.1f}→{load_end:.1f} "
+         f"| {common.versions()}{', ' + trl['versions'] if trl else ''} | `{cmd}` |")
+  print(HEADER + row)
+  if args.append:
+    common.append_section_rows(args.append, SECTION, INTRO, HEADER, [row])
+    print(f"# appended to {args.append}")
+  _write_json(args, result)
+  return result
+
+
+def _write_json(args, result):
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+  main()
