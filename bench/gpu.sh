@@ -23,7 +23,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/bench_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+# $PYTHON, else the project venv when there is one (a dev box), else the system python (the
+# GPU machine, where JAX / torch / transformers come preinstalled).
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=$(command -v python3 || command -v python); fi
 
 if [[ "${1:-}" == "--dry-run" ]]; then
   SHAPE=tiny; DTYPE=float32; PEAK_N=1024; T_TRAIN=300; T_GEN=300; T_PPO=400

@@ -222,7 +222,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
       corpus_docs=20000, demonstrations=300, rm_prompts=4000, k=4, eval_prompts=256,
       rm_eval_prompts=200, labeler_temperature=0.05,
       pretrain_steps=2000, pretrain_lr=3e-3,
-      sft_steps=20, sft_lr=1e-4,
+      sft_steps=10, sft_lr=1e-4,
       rm_steps=150, rm_lr=5e-4,
       ppo_iterations=200, ppo_lr=1e-4, ppo_batch_size=64,
       compare_no_ptx=True,    # also train plain PPO to measure the alignment tax

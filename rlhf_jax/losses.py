@@ -466,7 +466,10 @@ def ppo_value_loss(values: ArrayLike, old_values: ArrayLike, returns: ArrayLike,
   err = jnp.square(v - ret)
   if clip_eps is None:
     return 0.5 * masked_mean(err, mask), dict(clip_frac=jnp.float32(0.0))
-  v_clip = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
+  # Exactly v where the clip is inactive: v_old + (v - v_old) may differ from v by an ulp,
+  # which made clip_frac count rounding noise (and differ between device layouts).
+  v_clip = jnp.where(jnp.abs(v - v_old) <= clip_eps, v,
+                     v_old + jnp.clip(v - v_old, -clip_eps, clip_eps))
   err_clip = jnp.square(v_clip - ret)
   loss = 0.5 * masked_mean(jnp.maximum(err, err_clip), mask)
   aux = dict(clip_frac=masked_mean((err_clip > err).astype(jnp.float32), mask))

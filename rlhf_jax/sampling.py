@@ -249,7 +249,9 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
     raise ValueError(
         f"generate: prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the "
         f"model's max_position_embeddings={cfg.max_position_embeddings}")
-  if _is_concrete(attention_mask):
+  # The left-padding check reads the mask on the host: skipped for a global array that
+  # spans processes (multi-host), where no single host can read all its rows.
+  if _is_concrete(attention_mask) and getattr(attention_mask, "is_fully_addressable", True):
     m = np.asarray(attention_mask)
     if not np.all(m[:, -1]):
       raise ValueError("generate: prompts must be LEFT padded (attention_mask[:, -1] must be 1 "

@@ -29,7 +29,8 @@ import pytest
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, optim, sampling, sharding
-from rlhf_jax.trainers import ppo, ppo_experience, rm, sft
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.trainers import batching, ppo, ppo_experience, rm, sft
 from rlhf_jax.trainers import state as state_lib
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
@@ -309,3 +310,11 @@ def test_bf16_compute_with_remat_is_close_to_float32(reference):
       jax.tree.leaves(ref_state["params"]), jax.tree.leaves(POLICY0))])
   cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
   assert cos > 0.9, cos
+
+
+def test_a_batch_that_does_not_split_is_a_config_error():
+  mesh = _mesh((2, 2, 2))
+  batching.check_batch_split(mesh, 8)
+  with pytest.raises(ConfigError, match=r"train.batch_size=6: expected a multiple of the "
+                     r"mesh's data x fsdp = 4 batch shards"):
+    batching.check_batch_split(mesh, 6)

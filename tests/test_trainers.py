@@ -119,10 +119,13 @@ def test_rm_learns_a_synthetic_preference(rm_workdir):
 def test_ppo_raises_the_toy_reward_with_bounded_kl(base_model, rm_workdir, tmp_path):
   prompts = helpers.write_jsonl(str(tmp_path / "prompts.jsonl"),
                                 [dict(prompt=r["prompt"]) for r in _sft_rows(64)])
+  ptx = helpers.write_jsonl(str(tmp_path / "ptx.jsonl"),
+                            [dict(text=r["prompt"] + " " + r["completion"]) for r in _sft_rows(64)])
   workdir = str(tmp_path / "ppo")
   proc = helpers.run_launcher(
       "configs/ppo.py", workdir, "--config.task=", f"--config.model.init_from={base_model}",
       f"--config.ppo.reward_from={rm_workdir}", f"--config.data.train.path={prompts}",
+      f"--config.data.ptx.path={ptx}", "--config.ppo.ptx_coef=0.1",
       "--config.ppo.iterations=16", "--config.train.batch_size=16",
       "--config.ppo.minibatches=2", "--config.ppo.max_new_tokens=6",
       "--config.data.max_prompt_len=8", "--config.data.max_len=16",
@@ -135,6 +138,7 @@ def test_ppo_raises_the_toy_reward_with_bounded_kl(base_model, rm_workdir, tmp_p
   assert last > first + 0.1, (first, last)
   for key in ("kl", "kl_coef", "entropy", "policy_clip_frac", "value_clip_frac", "value_loss",
               "explained_variance", "response_length", "tokens_per_sec", "time_generate",
+              "ptx_loss",
               "time_score", "time_train"):
     assert key in rows[-1], key
   assert max(r["kl"] for r in rows) < 20.0

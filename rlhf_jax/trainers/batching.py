@@ -24,6 +24,21 @@ def total_steps(train_cfg, n_examples: int) -> int:
   return max(1, train_cfg.epochs * n_examples // train_cfg.batch_size)
 
 
+def check_batch_split(mesh, global_batch_size: int, field: str = "train.batch_size") -> None:
+  """A global batch must split evenly over the processes and the ('data', 'fsdp') shards.
+
+  Raises:
+    ConfigError: naming `field`, the mesh and the process count, instead of a shape error
+      from deep inside `sharding.host_to_global`.
+  """
+  from rlhf_jax import sharding
+  shards, procs = sharding.batch_shards(mesh), jax.process_count()
+  if global_batch_size % shards or global_batch_size % procs:
+    raise ConfigError(field, global_batch_size,
+                      f"a multiple of the mesh's data x fsdp = {shards} batch shards "
+                      f"(mesh {dict(mesh.shape)}) and of the {procs} processes")
+
+
 def iterator(arrays: dict, global_batch_size: int, seed: int):
   """This host's slice of each global batch, in a seed-determined order, resumable."""
   from rlhf_jax import data

@@ -39,7 +39,6 @@ class Stage:
     step: host callable (state, step_index) -> (state, metrics dict of arrays/floats).
     evaluate: (state) -> metrics dict, or None.
     data_state / restore_data_state: the data position as JSON and back.
-    extra_state / restore_extra_state: other host-side JSON state (e.g. KL controller).
     finish: (state) -> None, called once at the end (export).
   """
   name: str

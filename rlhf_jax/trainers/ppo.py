@@ -133,6 +133,10 @@ def _load_data(config, tokenizer):
 def train_stage(config, workdir: str) -> dict:
   p = config.ppo
   mesh = setup.make_mesh(config)
+  batching.check_batch_split(mesh, config.train.batch_size)
+  if p.ptx_coef > 0:
+    batching.check_batch_split(mesh, p.minibatches * p.ptx_batch_size,
+                               "ppo.minibatches * ppo.ptx_batch_size")
   rules = state_lib.parse_rules(config.sharding_rules)
   if not config.model.init_from or not p.reward_from:
     from rlhf_jax.errors import ConfigError

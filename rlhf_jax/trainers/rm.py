@@ -125,6 +125,7 @@ def train_stage(config, workdir: str) -> dict:
   from rlhf_jax import data
   import jax.experimental.multihost_utils  # noqa: F401  (used by measure_normalization)
   mesh = setup.make_mesh(config)
+  batching.check_batch_split(mesh, config.train.batch_size)
   rules = state_lib.parse_rules(config.sharding_rules)
   init_dir = setup.resolve_model_dir(config.model.init_from, "scalar") \
       if config.model.init_from else None

@@ -120,11 +120,23 @@ def announce(stage: str, mesh, loaded: dict, counts: dict, batch: dict) -> None:
   log.info("; ".join(parts))
 
 
+def host_copy(tree):
+  """Numpy copy of a tree of global arrays on every process (a collective when multi-host).
+
+  `jax.device_get` cannot fetch an array split across processes (e.g. FSDP over hosts);
+  `process_allgather` gathers it, so every process must call this together.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def export(workdir: str, cfg, params, tokenizer, kind: str, extra: Optional[dict] = None
            ) -> str:
   """Writes an HF-format copy under `<workdir>/export/<policy|reward_model>` (process 0)."""
   out = os.path.join(workdir, "export", EXPORT_NAMES[kind])
-  host_params = jax.tree.map(np.asarray, jax.device_get(params))
+  host_params = host_copy(params)
   if jax.process_index() == 0:
     models.save_hf(cfg, host_params, out)
     if tokenizer is not None:

@@ -98,6 +98,7 @@ def train(config, workdir: str) -> dict:
 
 def train_stage(config, workdir: str) -> dict:
   mesh = setup.make_mesh(config)
+  batching.check_batch_split(mesh, config.train.batch_size)
   rules = state_lib.parse_rules(config.sharding_rules)
   init_dir = setup.resolve_model_dir(config.model.init_from, "causal") \
       if config.model.init_from else None
