@@ -65,7 +65,9 @@ rows = st.lists(st.one_of(
 
 
 def write_lines(path, items):
-  with open(path, "w", encoding="utf-8") as f:
+  # surrogatepass: a lone surrogate becomes bytes that are not valid UTF-8 — itself a malformed
+  # file the loader must report cleanly.
+  with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
     for item in items:
       f.write((item if isinstance(item, str) else json.dumps(item)).replace("\n", " ") + "\n")
 
