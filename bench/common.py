@@ -30,6 +30,23 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 
+# --------------------------------------------------------------------------- shapes
+
+# `--shape` names of the harness -> `models.get_preset` names.
+PRESET_SHAPES = {"tiny": "tiny", "small": "small", "gpt2": "gpt2", "gpt2-small": "gpt2",
+                 "llama-1b": "llama-1b"}
+
+
+def add_ppo_shape_args(ap) -> None:
+  """The PPO-iteration shape flags, shared by ours and TRL's side (the issue's defaults)."""
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt-len", type=int, default=64)
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--epochs", type=int, default=1)
+  ap.add_argument("--minibatches", type=int, default=4)
+  ap.add_argument("--iterations", type=int, default=2, help="timed iterations after warm-up")
+
+
 # --------------------------------------------------------------------------- hardware
 
 def _best_time(fn: Callable[[], object], repeats: int) -> float:

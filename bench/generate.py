@@ -16,17 +16,16 @@ own; torch gets a short warm-up call (it has nothing to compile) and runs with `
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 SHAPES = {
     # GPT-2 small: 12 x 768, vocab 50257.
@@ -45,9 +44,7 @@ TABLE_HEADER = (
     "| date | shape | batch | prompt | new | mode | JAX tok/s | torch tok/s | JAX / torch | "
     "JAX compile s | machine | jax / torch | command |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-SECTION_INTRO = f"""
-{SECTION}
-
+SECTION_INTRO = """
 Generated tokens per second (batch × new tokens / wall time of one `generate` call, median
 of `--repeats` calls after a warm-up call) for `rlhf_jax.sampling.generate` and
 transformers' PyTorch `model.generate`, same random weights, same prompts (random ids, no
@@ -75,18 +72,6 @@ def hf_config(shape: dict, transformers):
       **common)
 
 
-def machine() -> str:
-  name = platform.processor() or platform.machine()
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        name = line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return f"{name}, {os.cpu_count()} cores"
-
-
 def time_calls(fn, repeats: int) -> tuple[float, list[float]]:
   """Returns (first call seconds, [steady call seconds])."""
   t0 = time.perf_counter()
@@ -98,24 +83,6 @@ def time_calls(fn, repeats: int) -> tuple[float, list[float]]:
     fn()
     runs.append(time.perf_counter() - t0)
   return first, runs
-
-
-def append_row(path: str, row: str) -> None:
-  """Adds `row` at the end of this benchmark's table in `path` (section created if absent)."""
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nMeasured numbers, newest rows last in each table.\n"
-  lines = text.splitlines(keepends=True)
-  try:
-    start = next(i for i, l in enumerate(lines) if l.strip() == SECTION)
-  except StopIteration:
-    text = text.rstrip("\n") + "\n" + SECTION_INTRO + TABLE_HEADER + row + "\n"
-  else:
-    i = next(j for j in range(start + 1, len(lines)) if lines[j].startswith("|"))
-    while i < len(lines) and lines[i].startswith("|"):
-      i += 1
-    lines.insert(i, row + "\n")
-    text = "".join(lines)
-  with open(path, "w") as f:
-    f.write(text)
 
 
 def main(argv=None) -> None:
@@ -180,7 +147,7 @@ def main(argv=None) -> None:
         f"first call {first:.1f} s, compile ~{compile_s:.1f} s)", flush=True)
 
   torch_tps, torch_threads = float("nan"), None
-  load_start = os.getloadavg()[0]
+  load_start = common.load()
   if not args.skip_torch:
     t_ids, t_mask = torch.from_numpy(ids_np).long(), torch.from_numpy(mask_np).long()
     gen_kwargs = dict(max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
@@ -212,16 +179,15 @@ def main(argv=None) -> None:
       print(f"# greedy tokens identical to torch: {same:.1%}")
 
   ratio = jax_tps / torch_tps
-  cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (
-      argv if argv is not None else sys.argv[1:]))
+  cmd = common.command_line(argv, __file__)
   shape_name = args.shape + (f" ({shape['layers']} layers)" if args.layers else "")
-  row = (f"| {datetime.date.today()} | {shape_name} | {b} | {p} | {n} | "
+  row = (f"| {common.today()} | {shape_name} | {b} | {p} | {n} | "
          f"{args.mode} | {jax_tps:.1f} | {torch_tps:.1f} ({torch_threads} thr) | {ratio:.2f}× | "
-         f"{compile_s:.1f} | {machine()}, load {load_start:.1f}→{os.getloadavg()[0]:.1f} | "
+         f"{compile_s:.1f} | {common.machine()}, load {load_start:.1f}→{common.load():.1f} | "
          f"{jax.__version__} / {torch.__version__} | `{cmd}` |")
   print(TABLE_HEADER + row)
   if args.append:
-    append_row(args.append, row)
+    common.append_section_rows(args.append, SECTION, SECTION_INTRO, TABLE_HEADER, [row])
     print(f"# appended to {args.append}")
 
 

@@ -73,8 +73,7 @@ GEN_HEADER = ("| date | shape | dtype | batch | prompt | new | call s | tok/s | 
               "| versions | command |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
-SHAPES = {"tiny": "tiny", "small": "small", "gpt2": "gpt2", "gpt2-small": "gpt2",
-          "llama-1b": "llama-1b"}
+SHAPES = common.PRESET_SHAPES
 
 
 def phase_flops(cfg, b: int, p: int, n: int, epochs: int) -> dict:
@@ -210,12 +209,7 @@ def run_trl(args) -> dict | None:
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--prompt-len", type=int, default=64)
-  ap.add_argument("--new-tokens", type=int, default=64)
-  ap.add_argument("--epochs", type=int, default=1)
-  ap.add_argument("--minibatches", type=int, default=4)
-  ap.add_argument("--iterations", type=int, default=2, help="timed iterations after warm-up")
+  common.add_ppo_shape_args(ap)
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   ap.add_argument("--generate-only", action="store_true",
                   help="time sampling.generate alone (tokens/s and its roofline)")

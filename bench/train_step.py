@@ -42,8 +42,7 @@ HEADER = ("| date | shape | stage | dtype | batch × seq | step s (median) | tok
           "machine, load | versions | command |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
-SHAPES = {"tiny": "tiny", "small": "small", "gpt2": "gpt2", "gpt2-small": "gpt2",
-          "llama-1b": "llama-1b"}
+SHAPES = common.PRESET_SHAPES
 
 
 def sft_batch(rs, cfg, batch: int, seq: int, prompt_len: int):
@@ -65,9 +64,9 @@ def rm_batch(rs, cfg, batch: int, seq: int, k: int = 2):
               valid=np.ones((b, k), bool))
 
 
-def run_stage(stage: str, cfg, args, mesh, peak: float) -> dict:
+def build_step(stage: str, cfg, mesh, total_steps: int, grad_accum: int):
+  """(fresh train state, jitted step) as `trainers.single_model.prepare` wires them."""
   import jax
-  import numpy as np
   from rlhf_jax import config as config_lib
   from rlhf_jax import models, optim, sharding
   from rlhf_jax.trainers import rm as rm_lib
@@ -80,14 +79,21 @@ def run_stage(stage: str, cfg, args, mesh, peak: float) -> dict:
   p_shard = state_lib.model_shardings(mesh, cfg, kind, rules)
   params = jax.jit(lambda: models.init(cfg, jax.random.key(0), kind=kind),
                    out_shardings=p_shard)()
-  tx = optim.make_optimizer(conf.optim, args.steps + 1)
+  tx = optim.make_optimizer(conf.optim, total_steps)
   shardings, init_state, _ = state_lib.build(mesh, 0, {"params": (params, p_shard, tx)})
-  state = init_state()
-  del params
   builder = sft_lib.make_train_step if stage == "sft" else rm_lib.make_train_step
-  step_fn = jax.jit(builder(cfg, tx, args.grad_accum),
+  step_fn = jax.jit(builder(cfg, tx, grad_accum),
                     in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),
                     out_shardings=(shardings, None), donate_argnums=(0,))
+  return init_state(), step_fn
+
+
+def run_stage(stage: str, cfg, args, mesh, peak: float) -> dict:
+  import jax
+  import numpy as np
+  from rlhf_jax import sharding
+
+  state, step_fn = build_step(stage, cfg, mesh, args.steps + 1, args.grad_accum)
   rs = np.random.RandomState(0)
   make = (lambda: sft_batch(rs, cfg, args.batch, args.seq, args.prompt_len)) if stage == "sft" \
       else (lambda: rm_batch(rs, cfg, args.batch, args.seq))

@@ -27,6 +27,10 @@ import sys
 import tempfile
 import time
 
+# Only the standard library and numpy from the harness's shared module (this venv has no jax).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 
 def hf_configs(shape: str, transformers):
   if shape in ("gpt2", "gpt2-small"):
@@ -40,10 +44,10 @@ def hf_configs(shape: str, transformers):
                                    intermediate_size=128, max_position_embeddings=512,
                                    rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,
                                    eos_token_id=None)
-  elif shape == "small":
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   intermediate_size=384, max_position_embeddings=512,
+  elif shape == "small":  # rlhf_jax.models.get_preset("small")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   intermediate_size=128, max_position_embeddings=512,
                                    rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,
                                    eos_token_id=None)
   else:
@@ -65,12 +69,7 @@ def make_tokenizer(vocab_size: int, transformers):
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="tiny")
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--prompt-len", type=int, default=64)
-  ap.add_argument("--new-tokens", type=int, default=64)
-  ap.add_argument("--epochs", type=int, default=1)
-  ap.add_argument("--minibatches", type=int, default=4)
-  ap.add_argument("--iterations", type=int, default=2, help="timed iterations after warm-up")
+  common.add_ppo_shape_args(ap)
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   args = ap.parse_args(argv)
 

@@ -50,6 +50,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.eval = data_spec()
   c.data.max_prompt_len = 32
   c.data.max_len = 64
+  # Length bucketing: each batch is cut to the smallest of bucket_min_len * 2^i (or max_len;
+  # PPO: max_prompt_len for prompts, ppo.max_new_tokens for responses) that holds its longest
+  # row; one compilation per bucket. 0 pads every batch to the full length.
+  c.data.bucket_min_len = 64
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=10, schedule="cosine", final_lr_frac=0.1,
@@ -76,6 +80,12 @@ def _positive(c, path: str, allow_zero: bool = False):
   ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
   if not ok:
     raise ConfigError(path, value, "a number >= 0" if allow_zero else "a number > 0")
+
+
+def _int_at_least(c, path: str, lo: int):
+  value = _get(c, path)
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    raise ConfigError(path, value, f"an int >= {lo}")
 
 
 def _choice(c, path: str, choices):
@@ -123,6 +133,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("tokenizer", c.tokenizer, "a local HF tokenizer directory")
   _positive(c, "data.max_prompt_len")
   _positive(c, "data.max_len")
+  _int_at_least(c, "data.bucket_min_len", 0)
   if c.data.max_prompt_len >= c.data.max_len:
     raise ConfigError("data.max_prompt_len", c.data.max_prompt_len,
                       f"less than data.max_len={c.data.max_len}")

@@ -585,3 +585,8 @@ def kl_controller_update(state: KLControllerState, observed_kl: ArrayLike,
   """
   new = adaptive_kl_update(state.kl_coef, observed_kl, n_steps, state.target, state.horizon)
   return state._replace(kl_coef=jnp.where(state.adaptive, new, state.kl_coef))
+
+
+# The SFT loss from final hidden states and the unembedding, chunked so that no [B, T, V]
+# logits are held (its own module: the custom gradient is a room of its own).
+from rlhf_jax.unembed_loss import sft_loss_from_hidden  # noqa: E402,F401

@@ -40,6 +40,27 @@ def tiny_hf_llama(out_dir: str, vocab_size: int = 16, seed: int = 0) -> str:
   return out_dir
 
 
+def copy_rows(n: int, seed: int = 0, length: int = 3) -> list:
+  """SFT rows of the copy task the trainer tests learn: "say : a c b =" -> "a c b"."""
+  import random
+  rng = random.Random(seed)
+  rows = []
+  for _ in range(n):
+    xs = [rng.choice("abcde") for _ in range(length)]
+    rows.append(dict(prompt="say : " + " ".join(xs) + " =", completion=" ".join(xs)))
+  return rows
+
+
+def config_leaves(c, prefix: str = ""):
+  """(dotted path, value) of every leaf field of an ml_collections ConfigDict."""
+  import ml_collections
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from config_leaves(v, prefix + k + ".")
+    else:
+      yield prefix + k, v
+
+
 def write_jsonl(path: str, rows) -> str:
   with open(path, "w") as f:
     for row in rows:
@@ -47,16 +68,26 @@ def write_jsonl(path: str, rows) -> str:
   return path
 
 
+def launcher_cmd(config: str, workdir: str, *overrides: str) -> list:
+  """The command line a user types for launch/train.py (progress bars off for logs)."""
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"),
+          f"--config={os.path.join(REPO, config)}", f"--workdir={workdir}",
+          "--config.train.progress=False", *overrides]
+
+
+def launcher_env(**extra: str) -> dict:
+  """This environment on the CPU backend, unbuffered, without the suite's 8 fake devices."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
 def run_launcher(config: str, workdir: str, *overrides: str, timeout: int = 300,
                  env_extra: dict | None = None):
   """Runs launch/train.py as a user would, in a subprocess; returns CompletedProcess."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  env.update(env_extra or {})
-  cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"),
-         f"--config={os.path.join(REPO, config)}", f"--workdir={workdir}",
-         "--config.train.progress=False", *overrides]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+  return subprocess.run(launcher_cmd(config, workdir, *overrides), capture_output=True,
+                        text=True, timeout=timeout, env=launcher_env(**(env_extra or {})),
                         cwd=REPO)
 
 

@@ -19,7 +19,6 @@ import random
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,15 +31,7 @@ MAKERS = {"sft": config_lib.sft_config, "rm": config_lib.rm_config,
           "ppo": config_lib.ppo_config}
 
 
-def _leaves(c, prefix=""):
-  for k, v in c.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _leaves(v, prefix + k + ".")
-    else:
-      yield prefix + k, v
-
-
-FIELDS = {stage: [(p, type(v)) for p, v in _leaves(make()) if not p.startswith("pipeline.")
+FIELDS = {stage: [(p, type(v)) for p, v in helpers.config_leaves(make()) if not p.startswith("pipeline.")
                   and not p.endswith((".path", "init_from", "tokenizer", "reward_from",
                                       "value_from"))]
           for stage, make in MAKERS.items()}
@@ -86,7 +77,7 @@ def test_validate_raises_config_error_or_accepts(c):
     assert str(e).startswith("config.") and "expected" in str(e)
     return
   # Accepted: the numbers a run depends on are sane (no NaN slipped through).
-  for path, value in _leaves(c):
+  for path, value in helpers.config_leaves(c):
     if isinstance(value, float) and path.split(".")[0] in ("optim", "ppo", "data"):
       assert not math.isnan(value), path
 
@@ -95,9 +86,7 @@ def test_validate_raises_config_error_or_accepts(c):
 
 
 def _launch(argv, timeout):
-  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             HF_DATASETS_OFFLINE="1")
-  env.pop("XLA_FLAGS", None)
+  env = helpers.launcher_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   try:
     return subprocess.run([sys.executable, os.path.join(helpers.REPO, "launch", "train.py"),
                            *argv], capture_output=True, text=True, timeout=timeout, env=env,

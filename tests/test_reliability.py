@@ -15,7 +15,6 @@ import random
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -34,14 +33,6 @@ def _assert_user_error(proc, *needles):
 
 
 # ---------------------------------------------------------------- config fields, in process
-
-
-def _leaves(c, prefix=""):
-  for k, v in c.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _leaves(v, prefix + k + ".")
-    else:
-      yield prefix + k, v
 
 
 def _set(c, path, value):
@@ -64,7 +55,7 @@ def test_every_numeric_and_choice_field_is_validated_by_name(make):
   """A negative / NaN number or an unknown choice in ANY field -> ConfigError naming it."""
   config_lib.validate(make())
   unchecked = []
-  for path, value in _leaves(make()):
+  for path, value in helpers.config_leaves(make()):
     if path.startswith("pipeline.") or path in FREE or isinstance(value, bool):
       continue
     if path.endswith((".path", ".split")) or ".columns." in path:
@@ -105,11 +96,7 @@ torch = pytest.importorskip("torch", reason="torch makes the tiny HF checkpoints
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("rel")
-  rng = random.Random(0)
-  rows = []
-  for _ in range(32):
-    xs = [rng.choice("abcde") for _ in range(3)]
-    rows.append(dict(prompt="say : " + " ".join(xs) + " =", completion=" ".join(xs)))
+  rows = helpers.copy_rows(32)
   return dict(base=helpers.tiny_hf_llama(str(d / "base")),
               small_vocab=helpers.tiny_hf_llama(str(d / "small_vocab"), vocab_size=8),
               sft=helpers.write_jsonl(str(d / "sft.jsonl"), rows),

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -35,11 +33,7 @@ RUN_TIMEOUT = 240
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("data")
-  rng = random.Random(0)
-  rows = []
-  for _ in range(64):
-    xs = [rng.choice("abcde") for _ in range(3)]
-    rows.append(dict(prompt="say : " + " ".join(xs) + " =", completion=" ".join(xs)))
+  rows = helpers.copy_rows(64)
   out = dict(base=helpers.tiny_hf_llama(str(d / "base")))
   out["sft"] = helpers.write_jsonl(str(d / "sft.jsonl"), rows)
   out["prompts"] = helpers.write_jsonl(str(d / "prompts.jsonl"),
@@ -95,11 +89,8 @@ class Run:
 
   def __init__(self, workdir: str, config: str, *overrides: str):
     self.workdir = workdir
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, os.path.join(helpers.REPO, "launch", "train.py"),
-           f"--config={os.path.join(helpers.REPO, config)}", f"--workdir={workdir}",
-           "--config.train.progress=False", *overrides]
+    env = helpers.launcher_env()
+    cmd = helpers.launcher_cmd(config, workdir, *overrides)
     self._err_path = workdir.rstrip("/") + f".stderr.{time.monotonic_ns()}"
     self._err = open(self._err_path, "w")
     self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err,

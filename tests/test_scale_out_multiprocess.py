@@ -16,10 +16,8 @@ in-process ones.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -49,9 +47,7 @@ def _env(devices: int) -> dict:
 
 def _launch(config: str, workdir: str, overrides, tag: str, processes: int):
   """Starts the launcher as `processes` processes (sharing `workdir`); returns Popens."""
-  cmd = [sys.executable, os.path.join(helpers.REPO, "launch", "train.py"),
-         f"--config={os.path.join(helpers.REPO, config)}", f"--workdir={workdir}",
-         "--config.train.progress=False", *overrides]
+  cmd = helpers.launcher_cmd(config, workdir, *overrides)
   port = _free_port()
   procs = []
   for pid in range(processes):
@@ -86,26 +82,17 @@ def _wait(all_procs):
     pytest.fail(f"launcher exit codes {codes}\n{logs}")
 
 
-def _sft_rows(n, seed):
-  rng = random.Random(seed)
-  rows = []
-  for _ in range(n):
-    xs = [rng.choice("abcde") for _ in range(3)]
-    rows.append(dict(prompt="say : " + " ".join(xs) + " =", completion=" ".join(xs)))
-  return rows
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """SFT and PPO, each as 2 processes × 2 devices and as 1 process × 4 devices (at once)."""
   tmp = tmp_path_factory.mktemp("scale_out_mp")
   base = helpers.tiny_hf_llama(str(tmp / "base"))
-  sft = helpers.write_jsonl(str(tmp / "sft.jsonl"), _sft_rows(48, 0))
-  sft_eval = helpers.write_jsonl(str(tmp / "sft_eval.jsonl"), _sft_rows(16, 1))
+  sft = helpers.write_jsonl(str(tmp / "sft.jsonl"), helpers.copy_rows(48, 0))
+  sft_eval = helpers.write_jsonl(str(tmp / "sft_eval.jsonl"), helpers.copy_rows(16, 1))
   prompts = helpers.write_jsonl(str(tmp / "prompts.jsonl"),
-                                [dict(prompt=r["prompt"]) for r in _sft_rows(48, 2)])
+                                [dict(prompt=r["prompt"]) for r in helpers.copy_rows(48, 2)])
   text = helpers.write_jsonl(str(tmp / "text.jsonl"), [
-      dict(text=r["prompt"] + " " + r["completion"]) for r in _sft_rows(64, 3)])
+      dict(text=r["prompt"] + " " + r["completion"]) for r in helpers.copy_rows(64, 3)])
   common = ["--config.task=", f"--config.model.init_from={base}",
             "--config.data.max_prompt_len=8", "--config.data.max_len=16"]
   stages = dict(

@@ -24,15 +24,6 @@ def base_model(tmp_path_factory):
   return helpers.tiny_hf_llama(str(tmp_path_factory.mktemp("base")))
 
 
-def _sft_rows(n, seed=0):
-  rng = random.Random(seed)
-  rows = []
-  for _ in range(n):
-    xs = [rng.choice("abcde") for _ in range(3)]
-    rows.append(dict(prompt="say : " + " ".join(xs) + " =", completion=" ".join(xs)))
-  return rows
-
-
 def _pref_rows(n, seed=0):
   rng = random.Random(seed)
   rows = []
@@ -53,14 +44,17 @@ def _assert_ok(proc):
 
 def test_sft_through_launcher_and_export_parity(base_model, tmp_path):
   import transformers
-  train = helpers.write_jsonl(str(tmp_path / "sft.jsonl"), _sft_rows(64))
-  evalp = helpers.write_jsonl(str(tmp_path / "sft_eval.jsonl"), _sft_rows(32, seed=1))
+  # Short training rows (7 tokens) and longer eval rows (11): with bucket_min_len=4 the train
+  # batches are cut to 8 columns and the eval batches to 16 (two compiled shapes per step).
+  train = helpers.write_jsonl(str(tmp_path / "sft.jsonl"), helpers.copy_rows(64, length=1))
+  evalp = helpers.write_jsonl(str(tmp_path / "sft_eval.jsonl"), helpers.copy_rows(32, seed=1))
   workdir = str(tmp_path / "sft")
   proc = helpers.run_launcher(
       "configs/sft.py", workdir, "--config.task=", f"--config.model.init_from={base_model}",
       f"--config.data.train.path={train}", f"--config.data.eval.path={evalp}",
       "--config.train.steps=6", "--config.train.batch_size=8", "--config.train.log_every=2",
-      "--config.data.max_prompt_len=8", "--config.data.max_len=16", "--config.optim.lr=3e-3")
+      "--config.data.max_prompt_len=8", "--config.data.max_len=16", "--config.optim.lr=3e-3",
+      "--config.data.bucket_min_len=4")
   _assert_ok(proc)
   rows = helpers.read_metrics(workdir)
   losses = [r["loss"] for r in rows if "loss" in r]
@@ -95,7 +89,7 @@ def rm_workdir(base_model, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("rm")
   train = helpers.write_jsonl(str(tmp / "pairs.jsonl"), _pref_rows(256))
   evalp = helpers.write_jsonl(str(tmp / "pairs_eval.jsonl"), _pref_rows(64, seed=1))
-  norm = helpers.write_jsonl(str(tmp / "demos.jsonl"), _sft_rows(32))
+  norm = helpers.write_jsonl(str(tmp / "demos.jsonl"), helpers.copy_rows(32))
   workdir = str(tmp / "rm")
   proc = helpers.run_launcher(
       "configs/rm.py", workdir, "--config.task=", f"--config.model.init_from={base_model}",
@@ -118,9 +112,9 @@ def test_rm_learns_a_synthetic_preference(rm_workdir):
 
 def test_ppo_raises_the_toy_reward_with_bounded_kl(base_model, rm_workdir, tmp_path):
   prompts = helpers.write_jsonl(str(tmp_path / "prompts.jsonl"),
-                                [dict(prompt=r["prompt"]) for r in _sft_rows(64)])
+                                [dict(prompt=r["prompt"]) for r in helpers.copy_rows(64)])
   ptx = helpers.write_jsonl(str(tmp_path / "ptx.jsonl"),
-                            [dict(text=r["prompt"] + " " + r["completion"]) for r in _sft_rows(64)])
+                            [dict(text=r["prompt"] + " " + r["completion"]) for r in helpers.copy_rows(64)])
   workdir = str(tmp_path / "ppo")
   proc = helpers.run_launcher(
       "configs/ppo.py", workdir, "--config.task=", f"--config.model.init_from={base_model}",
@@ -129,7 +123,9 @@ def test_ppo_raises_the_toy_reward_with_bounded_kl(base_model, rm_workdir, tmp_p
       "--config.ppo.iterations=16", "--config.train.batch_size=16",
       "--config.ppo.minibatches=2", "--config.ppo.max_new_tokens=6",
       "--config.data.max_prompt_len=8", "--config.data.max_len=16",
-      "--config.optim.lr=3e-3", "--config.ppo.kl_coef=0.05", "--config.ppo.no_eos_penalty=0")
+      "--config.optim.lr=3e-3", "--config.ppo.kl_coef=0.05", "--config.ppo.no_eos_penalty=0",
+      # responses cut to 2, 4 or 6 tokens by the longest of each rollout
+      "--config.data.bucket_min_len=2")
   _assert_ok(proc)
   rows = [r for r in helpers.read_metrics(workdir) if "score" in r]
   assert len(rows) == 16

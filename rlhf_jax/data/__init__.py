@@ -10,6 +10,9 @@
     sft.arrays["input_ids"], sft.report                              # TokenArrays
     it = data.BatchIterator(sft.arrays, global_batch_size, seed, process_index, process_count)
     batch = next(it); it.state(); it.restore(state)
+    # length bucketing: each batch cut to the smallest of 64, 128, ..., max_len holding it
+    it = data.BatchIterator(sft.arrays, ..., bucketing=data.Bucketing(
+        ("input_ids", "attention_mask", "loss_mask"), smallest=64, side="right"))
     data.check_tokenizer(tokenizer, vocab_size, name); data.check_same_tokenizer(a, b)
 
 Rooms: `sources` (open a file / directory / hub dataset), `validate` (bad rows, `DataError`,
@@ -17,7 +20,7 @@ Rooms: `sources` (open a file / directory / hub dataset), `validate` (bad rows, 
 array layouts), `batches` (`BatchIterator`). Each module's docstring has the details.
 """
 
-from rlhf_jax.data.batches import BatchIterator
+from rlhf_jax.data.batches import BatchIterator, Bucketing, bucket_for, length_buckets
 from rlhf_jax.data.sources import DataSpec, open_source
 from rlhf_jax.data.tokenize import (TokenArrays, load_comparisons, load_prompts, load_sft,
                                     load_text)
@@ -25,7 +28,7 @@ from rlhf_jax.data.validate import DataError, DataReport
 from rlhf_jax.data.vocab import check_same_tokenizer, check_tokenizer
 
 __all__ = [
-    "BatchIterator", "DataError", "DataReport", "DataSpec", "TokenArrays",
+    "BatchIterator", "Bucketing", "DataError", "bucket_for", "DataReport", "DataSpec", "TokenArrays",
     "check_same_tokenizer", "check_tokenizer", "load_comparisons", "load_prompts",
-    "load_sft", "load_text", "open_source",
+    "length_buckets", "load_sft", "load_text", "open_source",
 ]

@@ -13,15 +13,85 @@ arrays (each loads the full dataset). ``drop_last=True`` drops the last ``N % B`
 each epoch's order (different ones every epoch); ``drop_last=False`` fills the last batch up
 with examples from the start of the same order, so every batch keeps its static shape.
 The iterator never ends: epochs follow each other.
+
+Length bucketing (``bucketing=Bucketing(keys, smallest, side)``): each global batch is cut
+along its last (time) axis to the smallest bucket that holds its longest row, so a batch of
+short rows costs short-row compute. The buckets are ``smallest, 2·smallest, 4·smallest, …``
+below the stored length T, then T: one compilation per bucket, at most ``log2(T/smallest)+1``
+of them. The cut only removes columns that are padding in every row of the global batch (the
+length is read from the mask of the whole global batch, which every host holds, so all hosts
+agree on it), and causal models never look at later positions, so the results are the ones
+the uncut batch gives, up to float summation order.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from rlhf_jax.data.validate import DataError
+
+
+def length_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
+  """``smallest · 2^i`` below `max_len`, then `max_len` (just `(max_len,)` if smallest is 0)."""
+  if smallest <= 0 or smallest >= max_len:
+    return (int(max_len),)
+  out, b = [], int(smallest)
+  while b < max_len:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (int(max_len),)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= `length` (`length` must fit the largest)."""
+  for b in buckets:
+    if b >= length:
+      return int(b)
+  raise ValueError(f"bucket_for: length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def used_length(mask: np.ndarray, side: str) -> int:
+  """Columns a batch needs: from the first real column (left padding) or to the last (right)."""
+  cols = np.flatnonzero(np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0))
+  if cols.size == 0:
+    return 1
+  return int(mask.shape[-1] - cols[0]) if side == "left" else int(cols[-1] + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucketing:
+  """Which arrays to cut along their last axis, the smallest bucket, and the padding side.
+
+  Attributes:
+    keys: names of the arrays whose last axis is time (all the same length T); the first
+      one that is a mask (`mask_key`) decides the length.
+    smallest: the smallest bucket; 0 turns bucketing off.
+    side: "right" (keep the first L columns) or "left" (left-padded prompts: keep the last L).
+    mask_key: the array whose nonzero entries are real tokens.
+  """
+  keys: tuple
+  smallest: int
+  side: str = "right"
+  mask_key: str = "attention_mask"
+
+  def __post_init__(self):
+    if self.side not in ("left", "right"):
+      raise ValueError(f"Bucketing.side={self.side!r}: expected 'left' or 'right'")
+    if self.mask_key not in self.keys:
+      raise ValueError(f"Bucketing: mask_key {self.mask_key!r} must be one of keys {self.keys}")
+
+  def length(self, global_mask: np.ndarray) -> int:
+    """The bucket for a global batch with this mask."""
+    buckets = length_buckets(global_mask.shape[-1], self.smallest)
+    return bucket_for(used_length(global_mask, self.side), buckets)
+
+  def cut(self, batch: dict, length: int) -> dict:
+    """`batch` with each of `keys` cut to `length` columns on the kept side."""
+    sl = slice(None, length) if self.side == "right" else slice(-length, None)
+    return {k: (v[..., sl] if k in self.keys else v) for k, v in batch.items()}
 
 
 class BatchIterator:
@@ -35,11 +105,12 @@ class BatchIterator:
       `jax.process_count()`); B must be divisible by process_count.
     drop_last: see module docstring.
     shuffle: False to go through the examples in their stored order every epoch.
+    bucketing: cut each batch to a length bucket (module docstring); None = never cut.
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, drop_last: bool = True,
-               shuffle: bool = True):
+               shuffle: bool = True, bucketing: Optional[Bucketing] = None):
     if not arrays:
       raise DataError("BatchIterator: no arrays to iterate over")
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -72,6 +143,16 @@ class BatchIterator:
       self.steps_per_epoch = self.n // self.global_batch_size
     else:
       self.steps_per_epoch = -(-self.n // self.global_batch_size)
+    if bucketing is not None:
+      missing = [k for k in bucketing.keys if k not in self.arrays]
+      if missing:
+        raise DataError(f"BatchIterator: bucketing names arrays {missing} that are not in "
+                        f"{sorted(self.arrays)}")
+      if len({self.arrays[k].shape[-1] for k in bucketing.keys}) != 1:
+        raise DataError("BatchIterator: the bucketed arrays "
+                        f"{ {k: self.arrays[k].shape for k in bucketing.keys} } must share "
+                        "their last (time) dimension")
+    self.bucketing = bucketing
     self.epoch, self.index = 0, 0
     self._order_epoch, self._order = None, None
 
@@ -98,11 +179,15 @@ class BatchIterator:
   def __next__(self) -> dict:
     if self.index >= self.steps_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
-    idx = self.global_indices(self.epoch, self.index)
+    global_idx = self.global_indices(self.epoch, self.index)
     lo = self.process_index * self.local_batch_size
-    idx = idx[lo:lo + self.local_batch_size]
+    idx = global_idx[lo:lo + self.local_batch_size]
     self.index += 1
-    return {k: v[idx] for k, v in self.arrays.items()}
+    batch = {k: v[idx] for k, v in self.arrays.items()}
+    if self.bucketing is not None:
+      b = self.bucketing
+      batch = b.cut(batch, b.length(self.arrays[b.mask_key][global_idx]))
+    return batch
 
   def state(self) -> dict:
     """The position as JSON: ``{"epoch": e, "index": batches already taken in e}``."""

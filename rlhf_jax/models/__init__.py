@@ -7,7 +7,8 @@ models through the pure functions re-exported here (see docs/internals.md).
 from rlhf_jax.models.config import FAMILIES, ModelConfig
 from rlhf_jax.models.api import (abstract_params, causal_to_scalar, forward_with_cache,
                                  hidden_states, init, init_cache, kind_of, logical_axes, logits,
-                                 param_count, positions_from_mask, scores, values)
+                                 param_count, positions_from_mask, scores, unembedding,
+                                 values)
 from rlhf_jax.models.presets import PRESETS, get_preset
 from rlhf_jax.models.hf import load_hf, save_hf
 
@@ -15,5 +16,5 @@ __all__ = [
     "FAMILIES", "ModelConfig", "PRESETS", "abstract_params", "causal_to_scalar",
     "forward_with_cache", "get_preset", "hidden_states", "init", "init_cache", "kind_of",
     "load_hf", "logical_axes", "logits", "param_count", "positions_from_mask", "save_hf",
-    "scores", "values",
+    "scores", "unembedding", "values",
 ]

@@ -260,6 +260,16 @@ def forward_with_cache(cfg: ModelConfig, params: Params, input_ids, positions, k
   return _forward_with_cache_jit(cfg, params, input_ids, positions, kv_mask, cache, cache_index)
 
 
+def unembedding(cfg: ModelConfig, params: Params):
+  """The LM head as a [D, V] matrix in `cfg.dtype` (the embedding's transpose when tied)."""
+  _require(params, "causal", "unembedding")
+  if cfg.tie_word_embeddings:
+    w_dv = params["backbone"]["embed"]["embedding"].T
+  else:
+    w_dv = params["lm_head"]["kernel"]
+  return w_dv.astype(jnp.dtype(cfg.dtype))
+
+
 def causal_to_scalar(cfg: ModelConfig, params: Params, rng) -> Params:
   """A reward / value model from a policy: keep `backbone`, add a fresh scalar `head`."""
   if isinstance(rng, int):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from rlhf_jax.errors import ConfigError
 
@@ -39,19 +42,61 @@ def check_batch_split(mesh, global_batch_size: int, field: str = "train.batch_si
                       f"(mesh {dict(mesh.shape)}) and of the {procs} processes")
 
 
-def iterator(arrays: dict, global_batch_size: int, seed: int):
+def bucketing(config, keys, side: str = "right"):
+  """The `data.bucket_min_len` length bucketing of `keys` (None when it is 0)."""
+  from rlhf_jax import data
+  smallest = int(config.data.bucket_min_len)
+  return data.Bucketing(tuple(keys), smallest, side) if smallest > 0 else None
+
+
+def iterator(arrays: dict, global_batch_size: int, seed: int, bucketing=None):
   """This host's slice of each global batch, in a seed-determined order, resumable."""
   from rlhf_jax import data
   return data.BatchIterator(arrays, global_batch_size, seed,
                             process_index=jax.process_index(),
-                            process_count=jax.process_count(), drop_last=True)
+                            process_count=jax.process_count(), drop_last=True,
+                            bucketing=bucketing)
 
 
-def eval_batches(arrays: dict, global_batch_size: int, max_batches: int):
+def eval_batches(arrays: dict, global_batch_size: int, max_batches: int, bucketing=None):
   """The first `max_batches` full global batches in file order (host slices)."""
   n = len(next(iter(arrays.values())))
   per_host = global_batch_size // jax.process_count()
   lo = jax.process_index() * per_host
   for b in range(min(max_batches, n // global_batch_size)):
     start = b * global_batch_size + lo
-    yield {k: v[start:start + per_host] for k, v in arrays.items()}
+    batch = {k: v[start:start + per_host] for k, v in arrays.items()}
+    if bucketing is not None:
+      whole = arrays[bucketing.mask_key][b * global_batch_size:(b + 1) * global_batch_size]
+      batch = bucketing.cut(batch, bucketing.length(whole))
+    yield batch
+
+
+def response_buckets(config, max_new_tokens: int) -> tuple:
+  """Length buckets of a rollout's responses (just `(max_new_tokens,)` when bucketing is off)."""
+  from rlhf_jax import data
+  return data.length_buckets(max_new_tokens, int(config.data.bucket_min_len))
+
+
+@jax.jit
+def _longest(mask):
+  return jnp.max(jnp.sum(mask, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_columns(out, length: int):
+  return jax.tree.map(lambda x: x[:, :length], out)
+
+
+def cut_responses(out, buckets: tuple):
+  """A `sampling.GenerateOutput` cut to the bucket of its longest response.
+
+  Columns past every row's last token are padding (mask 0), so the experience and the update
+  see the same valid tokens. Reads one scalar from the device (the rollout is complete by
+  then anyway); every host computes the same length from the global mask.
+  """
+  if len(buckets) == 1:
+    return out
+  from rlhf_jax import data
+  length = data.bucket_for(max(int(_longest(out.mask)), 1), buckets)
+  return out if length == out.tokens.shape[1] else _first_columns(out, length)

@@ -50,9 +50,11 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
     total = pg_loss + ppo_cfg.vf_coef * v_loss
     ptx_loss = jnp.zeros(())
     if use_ptx:
-      logits = models.logits(policy_cfg, policy, ptx_mb["input_ids"], ptx_mb["attention_mask"])
-      ptx_loss = losses.sft_loss(logits[:, :-1], ptx_mb["input_ids"][:, 1:],
-                                 ptx_mb["loss_mask"][:, 1:] * ptx_mb["attention_mask"][:, 1:])
+      hidden = models.hidden_states(policy_cfg, policy, ptx_mb["input_ids"],
+                                    ptx_mb["attention_mask"])
+      ptx_loss = losses.sft_loss_from_hidden(
+          hidden[:, :-1], models.unembedding(policy_cfg, policy), ptx_mb["input_ids"][:, 1:],
+          ptx_mb["loss_mask"][:, 1:] * ptx_mb["attention_mask"][:, 1:])
       total = total + ppo_cfg.ptx_coef * ptx_loss
     metrics = dict(policy_loss=pg_loss, value_loss=v_loss, ptx_loss=ptx_loss,
                    policy_clip_frac=pg_aux["clip_frac"], value_clip_frac=v_aux["clip_frac"],
@@ -191,15 +193,27 @@ def train_stage(config, workdir: str) -> dict:
     from rlhf_jax.errors import ConfigError
     raise ConfigError("ppo.minibatches", p.minibatches,
                       f"a divisor of train.batch_size={B}")
-  exp_fn = jax.jit(experience_lib.make_experience_fn(
-      policy_cfg, value_cfg, reward_cfg, p, normalization, eos_id, P))
-  update_fn = jax.jit(make_update_fn(policy_cfg, value_cfg, p, policy_tx, value_tx, P,
-                                     use_ptx=ptx is not None),
-                      in_shardings=(shardings, None, None, None),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+  jitted_for_prompt_len = {}
+
+  def jitted(prompt_len: int):
+    """(experience fn, update fn) for prompts of `prompt_len` tokens (one per length bucket)."""
+    if prompt_len not in jitted_for_prompt_len:
+      jitted_for_prompt_len[prompt_len] = (
+          jax.jit(experience_lib.make_experience_fn(
+              policy_cfg, value_cfg, reward_cfg, p, normalization, eos_id, prompt_len)),
+          jax.jit(make_update_fn(policy_cfg, value_cfg, p, policy_tx, value_tx, prompt_len,
+                                 use_ptx=ptx is not None),
+                  in_shardings=(shardings, None, None, None),
+                  out_shardings=(shardings, None), donate_argnums=(0,)))
+    return jitted_for_prompt_len[prompt_len]
+
   kl_fn = jax.jit(make_kl_update_fn(p, B), donate_argnums=(0,),
                   in_shardings=(shardings, None), out_shardings=shardings)
-  prompt_it = batching.iterator(prompts.arrays, B, config.seed)
+  # Prompts are left padded: cut to the prompt-length bucket of each batch; responses are
+  # cut after the rollout to the bucket of the longest one (rows that stopped early).
+  prompt_bucketing = batching.bucketing(config, ("input_ids", "attention_mask"), side="left")
+  response_buckets = batching.response_buckets(config, N)
+  prompt_it = batching.iterator(prompts.arrays, B, config.seed, prompt_bucketing)
   ptx_it = batching.iterator(ptx.arrays, p.minibatches * p.ptx_batch_size, config.seed + 1) \
       if ptx is not None else None
   base_key = jax.random.PRNGKey(config.seed)
@@ -214,10 +228,11 @@ def train_stage(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     gen_key, perm_key = jax.random.split(jax.random.fold_in(base_key, index))
     batch = sharding.host_to_global(mesh, next(prompt_it))
-    out = generate(state["policy"], batch, gen_key)
+    out = batching.cut_responses(generate(state["policy"], batch, gen_key), response_buckets)
     jax.block_until_ready(out.tokens)
     t1 = time.perf_counter()
     kl_coef = state["kl_ctl"]["kl_coef"]
+    exp_fn, update_fn = jitted(batch["input_ids"].shape[1])
     exp, metrics = exp_fn(state["policy"], ref, state["value"], reward, kl_coef,
                           batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
     jax.block_until_ready(exp)
@@ -245,9 +260,13 @@ def train_stage(config, workdir: str) -> dict:
       return {}
     scores, kls = [], []
     for i, batch in enumerate(batching.eval_batches(eval_prompts.arrays, B,
-                                                    config.train.eval_batches)):
+                                                    config.train.eval_batches,
+                                                    prompt_bucketing)):
       batch = sharding.host_to_global(mesh, batch)
-      out = generate(state["policy"], batch, jax.random.fold_in(base_key, 10**6 + i))
+      out = batching.cut_responses(
+          generate(state["policy"], batch, jax.random.fold_in(base_key, 10**6 + i)),
+          response_buckets)
+      exp_fn, _ = jitted(batch["input_ids"].shape[1])
       _, m = exp_fn(state["policy"], ref, state["value"], reward, 0.0,
                     batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
       scores.append(float(m["score"]))

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import losses, models, optim, sharding
-from rlhf_jax.trainers import batching, loop, setup
+from rlhf_jax import losses, models, sharding
+from rlhf_jax.trainers import batching, setup, single_model
 from rlhf_jax.trainers import state as state_lib
 
 log = logging.getLogger("rlhf_jax")
@@ -124,48 +124,20 @@ def train(config, workdir: str) -> dict:
 def train_stage(config, workdir: str) -> dict:
   from rlhf_jax import data
   import jax.experimental.multihost_utils  # noqa: F401  (used by measure_normalization)
-  mesh = setup.make_mesh(config)
-  batching.check_batch_split(mesh, config.train.batch_size)
-  rules = state_lib.parse_rules(config.sharding_rules)
-  init_dir = setup.resolve_model_dir(config.model.init_from, "scalar") \
-      if config.model.init_from else None
-  tokenizer = setup.load_tokenizer(config, init_dir)
 
-  def load(spec_cfg):
+  def load(tokenizer, spec_cfg):
     return data.load_comparisons(batching.spec_from_config(spec_cfg), tokenizer,
                                  config.data.max_prompt_len, config.data.max_len,
                                  config.rm.k_max)
-  train_data = load(config.data.train)
-  log.info("[rm] train data: %s", train_data.report)
-  eval_data = load(config.data.eval) if config.data.eval.path else None
-  if eval_data is not None:
-    log.info("[rm] eval data: %s", eval_data.report)
-
-  cfg, params, p_shard, source = setup.initial_model(
-      config, mesh, rules, "scalar", config.model.init_from, tokenizer=tokenizer)
-  n_examples = len(train_data.arrays["input_ids"])
-  total_steps = batching.total_steps(config.train, n_examples)
-  tx = optim.make_optimizer(config.optim, total_steps)
-  shardings, init_state, abstract_state = state_lib.build(
-      mesh, config.seed, {"params": (params, p_shard, tx)})
-  batch_shard = sharding.batch_sharding(mesh, 1)
-  step_fn = jax.jit(make_train_step(cfg, tx, config.train.grad_accum),
-                    in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
-                    donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
-  it = batching.iterator(train_data.arrays, config.train.batch_size, config.seed)
-
-  def step(state, _):
-    return step_fn(state, sharding.host_to_global(mesh, next(it)))
+  w = single_model.prepare(config, "scalar", load, make_train_step, make_eval_step,
+                           ("input_ids", "attention_mask"))
+  cfg, tokenizer = w.cfg, w.tokenizer
 
   def evaluate(state):
-    if eval_data is None:
+    sums = single_model.eval_sums(w, config, state["params"])
+    if sums is None:
       return {}
-    loss = acc = count = 0.0
-    for batch in batching.eval_batches(eval_data.arrays, config.train.batch_size,
-                                       config.train.eval_batches):
-      l, a, n = eval_fn(state["params"], sharding.host_to_global(mesh, batch))
-      loss, acc, count = loss + float(l), acc + float(a), count + float(n)
+    loss, acc, count = sums
     return dict(loss=loss / max(count, 1.0), accuracy=acc / max(count, 1.0))
 
   def finish(state):
@@ -173,7 +145,7 @@ def train_stage(config, workdir: str) -> dict:
     if config.rm.normalize != "none" and config.data.norm.path:
       demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
                             config.data.max_prompt_len, config.data.max_len)
-      norm = measure_normalization(cfg, state["params"], mesh, demos.arrays,
+      norm = measure_normalization(cfg, state["params"], w.mesh, demos.arrays,
                                    config.train.batch_size,
                                    gain=config.rm.normalize == "bias_gain")
       log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
@@ -187,12 +159,8 @@ def train_stage(config, workdir: str) -> dict:
     out = setup.export(workdir, cfg, params, tokenizer, "scalar", extra=norm)
     log.info("[rm] exported reward model to %s", out)
 
-  setup.announce("rm", mesh, {"reward_model": source},
-                 {"reward_model": models.param_count(params)},
-                 dict(global_batch=config.train.batch_size, k_max=config.rm.k_max,
-                      grad_accum=config.train.grad_accum, seq_len=config.data.max_len,
-                      steps=total_steps, prompts=n_examples))
-  stage = loop.Stage(name="rm", total_steps=total_steps, init_state=init_state,
-                     abstract_state=abstract_state, step=step, evaluate=evaluate,
-                     data_state=it.state, restore_data_state=it.restore, finish=finish)
-  return loop.run(stage, workdir, config.train)
+  return single_model.run(
+      w, config, workdir, "reward_model", evaluate, finish,
+      dict(global_batch=config.train.batch_size, k_max=config.rm.k_max,
+           grad_accum=config.train.grad_accum, seq_len=config.data.max_len,
+           steps=w.total_steps, prompts=len(w.train_data.arrays["input_ids"])))

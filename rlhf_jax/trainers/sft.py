@@ -10,28 +10,30 @@ step on plain text with every token in the loss.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax import losses, models, sharding
+from rlhf_jax import losses, models
 from rlhf_jax import config as config_lib
-from rlhf_jax import optim
-from rlhf_jax.trainers import batching, loop, setup
+from rlhf_jax.trainers import batching, setup, single_model
 from rlhf_jax.trainers import state as state_lib
 
 log = logging.getLogger("rlhf_jax")
 
 
 def lm_loss_and_count(cfg, params, batch):
-  """Masked next-token NLL (mean over loss tokens) and the number of loss tokens."""
-  logits = models.logits(cfg, params, batch["input_ids"], batch["attention_mask"])
+  """Masked next-token NLL (mean over loss tokens) and the number of loss tokens.
+
+  The loss is taken from the final hidden states chunk by chunk
+  (`losses.sft_loss_from_hidden`), so no [B, T, V] float32 logits are ever held.
+  """
+  hidden = models.hidden_states(cfg, params, batch["input_ids"], batch["attention_mask"])
   targets = batch["input_ids"][:, 1:]
   mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
-  loss = losses.sft_loss(logits[:, :-1], targets, mask)
+  loss = losses.sft_loss_from_hidden(hidden[:, :-1], models.unembedding(cfg, params),
+                                     targets, mask)
   return loss, jnp.sum(mask)
 
 
@@ -97,56 +99,23 @@ def train(config, workdir: str) -> dict:
 
 
 def train_stage(config, workdir: str) -> dict:
-  mesh = setup.make_mesh(config)
-  batching.check_batch_split(mesh, config.train.batch_size)
-  rules = state_lib.parse_rules(config.sharding_rules)
-  init_dir = setup.resolve_model_dir(config.model.init_from, "causal") \
-      if config.model.init_from else None
-  tokenizer = setup.load_tokenizer(config, init_dir)
-  train_data = load_stage_data(config, tokenizer, config.data.train)
-  log.info("[%s] train data: %s", config.stage, train_data.report)
-  eval_data = None
-  if config.data.eval.path:
-    eval_data = load_stage_data(config, tokenizer, config.data.eval)
-    log.info("[%s] eval data: %s", config.stage, eval_data.report)
-
-  cfg, params, p_shard, source = setup.initial_model(
-      config, mesh, rules, "causal", config.model.init_from, tokenizer=tokenizer)
-  n_examples = len(train_data.arrays["input_ids"])
-  total_steps = batching.total_steps(config.train, n_examples)
-  tx = optim.make_optimizer(config.optim, total_steps)
-  shardings, init_state, abstract_state = state_lib.build(
-      mesh, config.seed, {"params": (params, p_shard, tx)})
-
-  batch_shard = sharding.batch_sharding(mesh, 1)
-  step_fn = jax.jit(make_train_step(cfg, tx, config.train.grad_accum),
-                    in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
-                    donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
-  it = batching.iterator(train_data.arrays, config.train.batch_size, config.seed)
-
-  def step(state, _):
-    return step_fn(state, sharding.host_to_global(mesh, next(it)))
+  w = single_model.prepare(
+      config, "causal", lambda tok, split: load_stage_data(config, tok, split),
+      make_train_step, make_eval_step, ("input_ids", "attention_mask", "loss_mask"))
 
   def evaluate(state):
-    if eval_data is None:
+    sums = single_model.eval_sums(w, config, state["params"])
+    if sums is None:
       return {}
-    total, count = 0.0, 0.0
-    for batch in batching.eval_batches(eval_data.arrays, config.train.batch_size,
-                                       config.train.eval_batches):
-      s, c = eval_fn(state["params"], sharding.host_to_global(mesh, batch))
-      total, count = total + float(s), count + float(c)
+    total, count = sums
     return dict(loss=total / max(count, 1.0))
 
   def finish(state):
-    out = setup.export(workdir, cfg, state["params"], tokenizer, "causal")
+    out = setup.export(workdir, w.cfg, state["params"], w.tokenizer, "causal")
     log.info("[%s] exported policy to %s", config.stage, out)
 
-  setup.announce(config.stage, mesh, {"policy": source},
-                 {"policy": models.param_count(params)},
-                 dict(global_batch=config.train.batch_size, grad_accum=config.train.grad_accum,
-                      seq_len=config.data.max_len, steps=total_steps, examples=n_examples))
-  stage = loop.Stage(name=config.stage, total_steps=total_steps, init_state=init_state,
-                     abstract_state=abstract_state, step=step, evaluate=evaluate,
-                     data_state=it.state, restore_data_state=it.restore, finish=finish)
-  return loop.run(stage, workdir, config.train)
+  return single_model.run(
+      w, config, workdir, "policy", evaluate, finish,
+      dict(global_batch=config.train.batch_size, grad_accum=config.train.grad_accum,
+           seq_len=config.data.max_len, steps=w.total_steps,
+           examples=len(w.train_data.arrays["input_ids"])))
