@@ -1,9 +1,7 @@
-"""`rlhf_jax.unembed_loss` against float64 numpy written from the formulas.
+"""`losses.sft_loss_from_hidden` against float64 numpy written from the formula.
 
-SFT: loss = Σ m·(logsumexp(hW) − (hW)[target]) / Σ m, with
+loss = Σ m·(logsumexp(hW) − (hW)[target]) / Σ m; its gradients are
 ∂/∂logits = m·(softmax − onehot)/Σm, ∂/∂h = (∂/∂logits) Wᵀ, ∂/∂W = hᵀ (∂/∂logits).
-Per-token (PPO): z = hW/τ, log p[y] and H = −Σ p log p, with
-∂ log p[y]/∂z = onehot − p and ∂H/∂z = −p (log p + H).
 """
 
 from __future__ import annotations
@@ -99,48 +97,3 @@ def test_bfloat16_inputs():
   np.testing.assert_allclose(float(loss), want, rtol=1e-2)
   np.testing.assert_allclose(np.asarray(dh, np.float32), want_dh, rtol=5e-2, atol=2e-3)
   np.testing.assert_allclose(np.asarray(dw, np.float32), want_dw, rtol=5e-2, atol=2e-3)
-
-
-# ---------------------------------------------------------------- token_logprobs_from_hidden
-
-
-def reference_token(h, w, targets, temperature, g_logp, g_ent):
-  """(logp, entropy, d/dh, d/dW) of Σ g_logp·logp + g_ent·H, float64 numpy."""
-  h, w = h.astype(np.float64), w.astype(np.float64)
-  z = np.einsum("btd,dv->btv", h, w) / temperature
-  top = z.max(-1, keepdims=True)
-  lse = np.log(np.exp(z - top).sum(-1)) + top[..., 0]
-  logp_all = z - lse[..., None]
-  p = np.exp(logp_all)
-  logp = np.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
-  ent = -(p * logp_all).sum(-1)
-  onehot = np.eye(w.shape[1])[targets]
-  dz = g_logp[..., None] * (onehot - p) - g_ent[..., None] * p * (logp_all + ent[..., None])
-  dlogits = dz / temperature
-  return (logp, ent, np.einsum("btv,dv->btd", dlogits, w),
-          np.einsum("btd,btv->dv", h, dlogits))
-
-
-@pytest.mark.parametrize("chunk,temperature", [(4, 1.0), (13, 0.7), (5, 1.3)])
-def test_token_logprobs_and_entropy_with_gradients(chunk, temperature):
-  from rlhf_jax import unembed_loss
-  h, w, targets, _ = inputs(4)
-  targets = np.abs(targets) % w.shape[1]
-  rng = np.random.default_rng(5)
-  g_logp = rng.normal(size=targets.shape).astype(np.float32)
-  g_ent = rng.normal(size=targets.shape).astype(np.float32)
-
-  def objective(h_, w_):
-    logp, ent = unembed_loss.token_logprobs_from_hidden(h_, w_, targets, temperature, chunk)
-    return jnp.sum(logp * g_logp) + jnp.sum(ent * g_ent), (logp, ent)
-
-  (_, (logp, ent)), (dh, dw) = jax.jit(jax.value_and_grad(objective, (0, 1), has_aux=True))(h, w)
-  want_logp, want_ent, want_dh, want_dw = reference_token(h, w, targets, temperature, g_logp,
-                                                          g_ent)
-  np.testing.assert_allclose(np.asarray(logp), want_logp, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(dh), want_dh, rtol=1e-4, atol=5e-5)
-  np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-4, atol=5e-5)
-  # no gradient requested: the plain call gives the same values
-  plain = unembed_loss.token_logprobs_from_hidden(h, w, targets, temperature, chunk)
-  np.testing.assert_allclose(np.asarray(plain[0]), want_logp, rtol=1e-5, atol=1e-5)

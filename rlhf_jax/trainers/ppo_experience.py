@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models, unembed_loss
+from rlhf_jax import losses, models
 
 
 class Experience(NamedTuple):
@@ -36,15 +36,22 @@ def response_logprobs(cfg, params, input_ids, attention_mask, prompt_len: int,
                       temperature: float, with_entropy: bool = False):
   """log π(y_t) of each response token under softmax(logits / T), and optionally entropy.
 
-  Only the N positions that predict response tokens are unembedded (the final hidden states
-  are sliced before the [D, V] matmul), and `unembed_loss.token_logprobs_from_hidden` takes
-  them chunk by chunk: no [B, P+N, V] or [B, N, V] float32 logits are kept for the backward
-  pass. Same numbers as log-softmax of `models.logits` on those positions.
+  Only the N positions that predict response tokens are unembedded: the final hidden states
+  are sliced before the [D, V] matmul, so neither the prompt positions' share of the LM
+  head's FLOPs nor a [B, P+N, V] float32 logits array is ever computed (XLA does not push
+  a slice of the logits back through the matmul). Same numerics as `models.logits`
+  (`transformer.Model.unembed`) on those positions.
   """
   hidden = models.hidden_states(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
-  logp, entropy = unembed_loss.token_logprobs_from_hidden(
-      hidden, models.unembedding(cfg, params), input_ids[:, prompt_len:], temperature)
-  return (logp, entropy) if with_entropy else logp
+  logits = jnp.einsum("BTD,DV->BTV", hidden, models.unembedding(cfg, params),
+                      preferred_element_type=jnp.float32) / temperature
+  targets = input_ids[:, prompt_len:]
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return logp
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return logp, entropy
 
 
 def response_values(cfg, params, input_ids, attention_mask, prompt_len: int):
