@@ -195,3 +195,16 @@ def test_scalar_values_and_scores():
     models.logits(cfg, rm, ids, mask)
   with pytest.raises(ValueError, match="scalar"):
     models.values(cfg, policy, ids, mask)
+
+
+def test_head_values_on_sliced_hidden_states_equal_values():
+  cfg = models.get_preset("tiny")
+  params = models.causal_to_scalar(cfg, models.init(cfg, jax.random.key(0)), jax.random.key(1))
+  ids = np.array([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 9]], np.int32)
+  mask = (ids != 0).astype(np.int32)
+  hidden = models.hidden_states(cfg, params, ids, mask)
+  np.testing.assert_allclose(np.asarray(models.head_values(cfg, params, hidden[:, 2:5])),
+                             np.asarray(models.values(cfg, params, ids, mask))[:, 2:5],
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="scalar"):
+    models.head_values(cfg, models.init(cfg, jax.random.key(0)), hidden)

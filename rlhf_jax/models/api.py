@@ -210,6 +210,17 @@ def values(cfg: ModelConfig, params: Params, input_ids, attention_mask):
   return _values_jit(cfg, params, input_ids, attention_mask)
 
 
+def head_values(cfg: ModelConfig, params: Params, hidden):
+  """The scalar head on final hidden states [..., D] (e.g. a slice of `hidden_states`).
+
+  Slice the hidden states to the positions you need before the head, not the values
+  after: on XLA:CPU the backward pass of "head on all positions, then slice" ran ~1.5× slower
+  than "slice, then head" for a GPT-2-small value model (docs/benchmarks.md).
+  """
+  _require(params, "scalar", "head_values")
+  return _model(cfg, params).score_head(hidden)
+
+
 def scores(cfg: ModelConfig, params: Params, input_ids, attention_mask, index):
   """Scalar head read at `index[b]` (e.g. the last response token): float32 [B]."""
   _require(params, "scalar", "scores")
