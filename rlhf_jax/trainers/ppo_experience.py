@@ -57,9 +57,10 @@ def response_logprobs(cfg, params, input_ids, attention_mask, prompt_len: int,
 def response_values(cfg, params, input_ids, attention_mask, prompt_len: int):
   """V(s_t): the value head read at the position before each response token.
 
-  The hidden states are sliced before the head: with the head applied at every position and
-  the values sliced afterwards, XLA:CPU ran the value model's backward pass 2.4 s slower per
-  GPT-2-small minibatch (7.3 vs 4.9 s, docs/benchmarks.md). Same numbers either way.
+  The hidden states are sliced before the head (as `response_logprobs` does before the
+  unembedding). For a value-only gradient of a GPT-2-small minibatch on XLA:CPU, "head on all
+  positions, then slice" took 7.3 s against 4.9 s; in PPO's joint policy + value gradient the
+  two orders measured the same (docs/benchmarks.md). Same numbers either way.
   """
   hidden = models.hidden_states(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
   return models.head_values(cfg, params, hidden)
