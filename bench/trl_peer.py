@@ -38,14 +38,9 @@ def hf_configs(shape: str, transformers):
                                   n_positions=1024, pad_token_id=0, bos_token_id=None,
                                   eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0,
                                   attn_pdrop=0.0)
-  elif shape == "tiny":   # rlhf_jax.models.get_preset("tiny")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   intermediate_size=128, max_position_embeddings=512,
-                                   rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,
-                                   eos_token_id=None)
-  elif shape == "small":  # rlhf_jax.models.get_preset("small")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4,
+  elif shape in ("tiny", "small"):   # rlhf_jax.models.get_preset: 2 / 4 layers, else equal
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64,
+                                   num_hidden_layers=2 if shape == "tiny" else 4,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    intermediate_size=128, max_position_embeddings=512,
                                    rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,

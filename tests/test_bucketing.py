@@ -206,7 +206,7 @@ def test_ppo_experience_on_cut_prompts_and_responses_equals_the_full_one():
                                 jnp.asarray(rmask))
   cut_out = batching.cut_responses(out, batching.response_buckets(conf, n))
   assert cut_out.tokens.shape == (b, 8)
-  pb = batching.bucketing(conf, ("input_ids", "attention_mask"), side="left")
+  pb = batching.length_bucketing(conf, ("input_ids", "attention_mask"), side="left")
   cut_prompts = pb.cut(dict(input_ids=ids, attention_mask=mask), pb.length(mask))
   assert cut_prompts["input_ids"].shape == (b, 8)
   norm = dict(mean=0.1, std=1.0, gain=False)

@@ -42,7 +42,7 @@ def check_batch_split(mesh, global_batch_size: int, field: str = "train.batch_si
                       f"(mesh {dict(mesh.shape)}) and of the {procs} processes")
 
 
-def bucketing(config, keys, side: str = "right"):
+def length_bucketing(config, keys, side: str = "right"):
   """The `data.bucket_min_len` length bucketing of `keys` (None when it is 0)."""
   from rlhf_jax import data
   smallest = int(config.data.bucket_min_len)

@@ -211,7 +211,7 @@ def train_stage(config, workdir: str) -> dict:
                   in_shardings=(shardings, None), out_shardings=shardings)
   # Prompts are left padded: cut to the prompt-length bucket of each batch; responses are
   # cut after the rollout to the bucket of the longest one (rows that stopped early).
-  prompt_bucketing = batching.bucketing(config, ("input_ids", "attention_mask"), side="left")
+  prompt_bucketing = batching.length_bucketing(config, ("input_ids", "attention_mask"), side="left")
   response_buckets = batching.response_buckets(config, N)
   prompt_it = batching.iterator(prompts.arrays, B, config.seed, prompt_bucketing)
   ptx_it = batching.iterator(ptx.arrays, p.minibatches * p.ptx_batch_size, config.seed + 1) \

@@ -28,7 +28,7 @@ class Wiring:
   mesh: Any
   tokenizer: Any
   cfg: Any
-  params: Any            # the initial params (for the param count)
+  n_params: int          # parameters of the model (for the start-up announcement)
   source: str            # where they came from
   train_data: Any
   eval_data: Optional[Any]
@@ -78,9 +78,10 @@ def prepare(config, kind: str, load_data: Callable, make_train_step: Callable,
                     in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
                     donate_argnums=(0,))
   eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
-  bucketing = batching.bucketing(config, bucket_keys)
+  bucketing = batching.length_bucketing(config, bucket_keys)
   it = batching.iterator(train_data.arrays, config.train.batch_size, config.seed, bucketing)
-  return Wiring(mesh=mesh, tokenizer=tokenizer, cfg=cfg, params=params, source=source,
+  return Wiring(mesh=mesh, tokenizer=tokenizer, cfg=cfg,
+                n_params=models.param_count(params), source=source,
                 train_data=train_data, eval_data=eval_data, total_steps=total_steps,
                 init_state=init_state, abstract_state=abstract_state, step_fn=step_fn,
                 eval_fn=eval_fn, iterator=it, bucketing=bucketing)
@@ -105,7 +106,7 @@ def run(w: Wiring, config, workdir: str, model_name: str, evaluate: Callable,
     return w.step_fn(state, sharding.host_to_global(w.mesh, next(w.iterator)))
 
   setup.announce(config.stage, w.mesh, {model_name: w.source},
-                 {model_name: models.param_count(w.params)}, batch_info)
+                 {model_name: w.n_params}, batch_info)
   stage = loop.Stage(name=config.stage, total_steps=w.total_steps, init_state=w.init_state,
                      abstract_state=w.abstract_state, step=step, evaluate=evaluate,
                      data_state=w.iterator.state, restore_data_state=w.iterator.restore,
