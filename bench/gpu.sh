@@ -11,6 +11,13 @@
 # recorded in status.txt and the next one still runs. Figures (markdown rows, JSON, logs)
 # go to $OUT (default ./bench_out); copy the rows into docs/benchmarks.md.
 #
+# Python packages: jax with its CUDA plugin, plus what rlhf_jax imports on this path (flax,
+# optax, chex, ml_collections, transformers, numpy). flax must match jax: flax 0.12.8 does
+# not import under jax >= 0.11 (use flax >= 0.12.9 there). Where the image lacks one, put
+# wheels on PYTHONPATH first (2026-11-27, on an H200 image with jax 0.11.2: flax 0.12.12,
+# optax 0.2.8, chex 0.1.92, ml_collections 1.1.0 via `pip install --target`); the whole
+# run then took 448 s.
+#
 # Steps:
 #   1. train_step.py  SFT + RM step, batch 32 × seq 128: tokens/s, MFU vs the measured bf16
 #                     matmul peak (target >= 40 % on an H100).

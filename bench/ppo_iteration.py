@@ -45,11 +45,12 @@ SECTION = "## PPO iteration: episodes/s, phase split and MFU (vs TRL 0.19 PPOTra
 INTRO = """
 `bench/ppo_iteration.py`: one PPO iteration as `trainers.ppo.train_stage` runs it (rollout
 with `sampling.generate`, `ppo_experience.make_experience_fn`, `ppo.make_update_fn` + the KL
-step), random weights, 1-device mesh, float32, no EOS during the rollout (every response is
-full length), no ptx term. Time = median over the timed iterations after one warm-up
-iteration; episodes/s = batch / iteration time. Per-phase MFU against the f32 matmul peak
-measured in the same run (`bench/common.py`); the generation roofline = (all param bytes +
-whole KV cache bytes) per decode step / measured copy bandwidth. `compiles` = XLA backend
+step), random weights, 1-device mesh, float32 (CPU) or bfloat16 compute with float32 master
+weights (GPU), no EOS during the rollout (every response is full length), no ptx term.
+Time = median over the timed iterations after one warm-up iteration; episodes/s = batch /
+iteration time. Per-phase MFU against the matmul peak of the compute dtype measured in the
+same run (`bench/common.py`); the generation roofline = (weight bytes in the compute dtype
++ whole KV cache bytes) per decode step / measured copy bandwidth. `compiles` = XLA backend
 compilations during the timed iterations (must be 0). TRL: `bench/trl_peer.py` (TRL 0.19
 `PPOTrainer`, PyTorch, same shapes/batch/lengths/epochs/minibatches, random weights, the
 best over `--torch-threads`), run in the same invocation after the JAX side.
@@ -63,9 +64,11 @@ GEN_SECTION = "## Generation roofline: `sampling.generate` vs the memory-bandwid
 GEN_INTRO = """
 `bench/ppo_iteration.py --generate-only`: one `sampling.generate` call (random weights, no
 EOS, temperature 1, median of the timed calls after a compile call). A decode step must
-read every param (as stored: float32 master weights, also under a bfloat16 compute dtype)
-and the whole KV cache (P + N slots); roofline tok/s = batch × copy bandwidth / those bytes,
-the bandwidth measured in the same run (a donated `x + 1` over 256 MiB, best of 5).
+read every weight in the compute dtype (`sampling.generate` casts float32 master matrices
+to it once per call) and the whole KV cache (P + N slots); roofline tok/s = batch × copy
+bandwidth / those bytes, the bandwidth measured in the same run (a donated `x + 1` over
+256 MiB on a CPU, 2 GiB on a GPU, best of 5). Rows before 2026-11-27's second H200 run
+counted float32 weight bytes (what the sampler then read) and a 256 MiB copy.
 Prefill and the LM head's FLOPs are not in the bound, so short prompts approach it best.
 """
 GEN_HEADER = ("| date | shape | dtype | batch | prompt | new | call s | tok/s | MiB read / step "
@@ -87,11 +90,16 @@ def phase_flops(cfg, b: int, p: int, n: int, epochs: int) -> dict:
   return dict(generate=gen, score=score, train=train)
 
 
-def decode_bytes(cfg, params_bytes: int, b: int, cache_len: int) -> int:
-  """Bytes one decode step reads at least: every param and the whole KV cache."""
+def decode_bytes(cfg, params, b: int, cache_len: int) -> int:
+  """Bytes one decode step reads at least: every weight in the compute dtype (matrices;
+  float32 master weights are cast once per call, see `sampling.compute_dtype_weights`) and
+  the whole KV cache."""
+  import jax
   itemsize = 2 if cfg.dtype == "bfloat16" else 4
+  weights = sum(x.size * (itemsize if x.ndim >= 2 else x.dtype.itemsize)
+                for x in jax.tree.leaves(params))
   cache = 2 * cfg.num_layers * b * cfg.num_kv_heads * cache_len * cfg.head_dim * itemsize
-  return params_bytes + cache
+  return weights + cache
 
 
 def build(cfg, args, mesh):
@@ -114,6 +122,21 @@ def build(cfg, args, mesh):
   s_shard = state_lib.model_shardings(mesh, cfg, "scalar", rules)
   ref = jax.jit(lambda: models.init(cfg, jax.random.key(0), kind="causal"),
                 out_shardings=c_shard)()
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  rs = np.random.RandomState(0)
+  prompts = [sharding.host_to_global(mesh, dict(
+      input_ids=rs.randint(1, cfg.vocab_size - 1, size=(B, P)).astype(np.int32),
+      attention_mask=np.ones((B, P), np.int32))) for _ in range(2)]
+  base_key = jax.random.PRNGKey(0)
+  ptx_dummy = jnp.zeros((p.minibatches,))
+
+  def generate(policy_params, batch, key):
+    return sampling.generate(cfg, policy_params, batch["input_ids"], batch["attention_mask"],
+                             key, max_new_tokens=N, temperature=p.temperature, top_k=p.top_k,
+                             top_p=p.top_p, eos_id=None, pad_id=0)
+  if args.generate_only:   # the sampler alone: no value / reward models, no optimisers
+    return {"policy": ref}, None, generate, prompts, ref
+
   policy = jax.tree.map(jnp.copy, ref)
   reward = jax.jit(lambda: models.causal_to_scalar(
       cfg, models.init(cfg, jax.random.key(1), kind="causal"), jax.random.key(2)),
@@ -121,7 +144,6 @@ def build(cfg, args, mesh):
   value = jax.tree.map(jnp.copy, reward)
   normalization = dict(mean=0.0, std=1.0, gain=False)
   eos_id = cfg.vocab_size - 1          # for the experience's no-EOS penalty only
-  B, P, N = args.batch, args.prompt_len, args.new_tokens
   steps = max(args.iterations + 1, 1) * p.epochs * p.minibatches
   policy_tx = optim.make_optimizer(conf.optim, steps)
   value_tx = optim.make_optimizer(conf.optim, steps, lr_scale=p.value_lr_scale)
@@ -140,17 +162,6 @@ def build(cfg, args, mesh):
                       out_shardings=(shardings, None), donate_argnums=(0,))
   kl_fn = jax.jit(ppo_lib.make_kl_update_fn(p, B), donate_argnums=(0,),
                   in_shardings=(shardings, None), out_shardings=shardings)
-  rs = np.random.RandomState(0)
-  prompts = [sharding.host_to_global(mesh, dict(
-      input_ids=rs.randint(1, cfg.vocab_size - 1, size=(B, P)).astype(np.int32),
-      attention_mask=np.ones((B, P), np.int32))) for _ in range(2)]
-  base_key = jax.random.PRNGKey(0)
-  ptx_dummy = jnp.zeros((p.minibatches,))
-
-  def generate(policy_params, batch, key):
-    return sampling.generate(cfg, policy_params, batch["input_ids"], batch["attention_mask"],
-                             key, max_new_tokens=N, temperature=p.temperature, top_k=p.top_k,
-                             top_p=p.top_p, eos_id=None, pad_id=0)
 
   def iteration(state, index):
     # The body of ppo.train_stage's `step`, with its three timers.
@@ -238,8 +249,7 @@ def main(argv=None) -> dict:
         f"load {load_start:.2f}", flush=True)
   t0 = time.perf_counter()
   state, iteration, generate, prompts, ref = build(cfg, args, mesh)
-  params_bytes = sum(x.nbytes for x in jax.tree.leaves(ref))
-  step_bytes = decode_bytes(cfg, params_bytes, B, P + N)
+  step_bytes = decode_bytes(cfg, ref, B, P + N)
   roofline_tps = B * bw / step_bytes
   print(f"# setup {time.perf_counter() - t0:.1f} s; decode step reads >= "
         f"{step_bytes / 2**20:.0f} MiB -> roofline {roofline_tps:.0f} tok/s", flush=True)

@@ -149,6 +149,26 @@ class _LoopState(NamedTuple):
   mask: jax.Array        # [B, N]
 
 
+def compute_dtype_weights(cfg, params):
+  """`params` with every matrix (ndim >= 2: kernels, embeddings) cast to `cfg.dtype`.
+
+  Decoding is memory bound: each step reads every weight once. The layers cast each matrix
+  to `cfg.dtype` where they use it, and XLA does not hoist that cast out of the decode
+  `while_loop`, so with float32 master weights and bfloat16 compute every step read the
+  float32 copy and wrote and re-read a bfloat16 one (about 4x the bytes of a bfloat16 read;
+  measured 3.4 ms per step at Llama-1B, batch 64, on an H200). Casting once before the loop
+  gives the same numbers, since matrices are only ever used after that same cast. Vectors
+  (norm scales, biases) stay as they are: LayerNorm uses its float32 scale un-cast.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+
+  def cast(x):
+    if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, params)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy",
                                              "use_top_p"))
 def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids, pad_id,
@@ -164,6 +184,7 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
   # Prefill all but the last prompt token. Its logits are unused, so XLA drops the
   # [B, P, V] unembedding (about a third of the prefill FLOPs at GPT-2 small); the last
   # prompt token goes through the first decode step, whose logits predict token 0.
+  params = compute_dtype_weights(cfg, params)
   cache = models.init_cache(cfg, batch, prompt_len + n)
   if prompt_len > 1:
     _, cache = models.forward_with_cache(cfg, params, input_ids[:, :-1], positions[:, :-1],

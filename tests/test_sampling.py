@@ -3,6 +3,8 @@ cache consistency vs one full forward pass, determinism, EOS handling."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -325,3 +327,23 @@ def test_bad_arguments_raise(model, batch):
     sampling.generate(cfg, params, ids, mask, jax.random.key(0), 4, temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     sampling.generate(cfg, params, ids, mask, jax.random.key(0), 4, top_p=0.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compute_dtype_weights_leaves_the_bfloat16_forward_unchanged(family, batch):
+  """Decoding casts float32 master matrices to the compute dtype once per call
+  (`sampling.compute_dtype_weights`) instead of once per step; the model must compute
+  exactly what it computes from the float32 weights (vectors such as LayerNorm's scale
+  stay float32, since LayerNorm uses them un-cast)."""
+  cfg, params = _make_model(family)
+  cfg = dataclasses.replace(cfg, dtype="bfloat16")
+  cast = sampling.compute_dtype_weights(cfg, params)
+  for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(cast)):
+    assert before.dtype == jnp.float32
+    assert after.dtype == (jnp.bfloat16 if before.ndim >= 2 else jnp.float32)
+    np.testing.assert_array_equal(np.asarray(after, np.float32),
+                                  np.asarray(before.astype(after.dtype), np.float32))
+  ids, mask = batch
+  np.testing.assert_array_equal(
+      np.asarray(models.logits(cfg, cast, ids, mask), np.float32),
+      np.asarray(models.logits(cfg, params, ids, mask), np.float32))
