@@ -126,19 +126,14 @@ def main(argv=None) -> dict:
   assert on["lengths"] == planned
   speedup = on["real_tok_s"] / off["real_tok_s"]
   print(f"speed-up {speedup:.2f}x (predicted {predicted:.2f}x)")
-  row = (f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, "
-         f"V {cfg.vocab_size}) | {args.batch} × {args.max_len} | {np.median(lengths):.0f}, "
+  row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {args.batch} × {args.max_len} | {np.median(lengths):.0f}, "
          f"{np.percentile(lengths, 90):.0f} | "
          f"{', '.join(f'{k}×{v}' for k, v in sorted(collections.Counter(planned).items()))} | "
          f"{off['step_s']:.3f}, {off['real_tok_s']:.0f} | {on['step_s']:.3f}, "
          f"{on['real_tok_s']:.0f} | {speedup:.2f}× ({predicted:.2f}×) | "
          f"{off['compile_s']:.1f} / {on['compile_s']:.1f} | {off['compiles'] + on['compiles']} "
-         f"| {common.machine()}, load {load_start:.1f}→{common.load():.1f} | "
-         f"{common.versions()} | `{common.command_line(argv, __file__)}` |")
-  print(HEADER + row)
-  if args.append:
-    common.append_section_rows(args.append, SECTION, INTRO, HEADER, [row])
-    print(f"# appended to {args.append}")
+         + common.context_cells([load_start, common.load()], argv, __file__))
+  common.publish_rows(args.append, SECTION, INTRO, HEADER, [row])
   return dict(off=off, on=on, predicted=predicted, speedup=speedup)
 
 

@@ -7,7 +7,7 @@
 - FLOP counting from a `ModelConfig` (`forward_flops`, `train_flops`).
 - `CompileCounter`: counts XLA backend compilations, so a harness can assert that nothing
   compiles after its warm-up.
-- `machine()`, `versions()`, `load()`, `append_section_rows()`: the context every recorded
+- `machine()`, `versions()`, `load()`, `context_cells()`, `publish_rows()`: the context every recorded
   figure carries, and the markdown append into docs/benchmarks.md.
 
 Model FLOPs count the matmuls (2 FLOPs per multiply-add) of the projections, the MLP, the
@@ -246,6 +246,28 @@ def append_section_rows(path: str, section: str, intro: str, header: str,
     text = "".join(lines)
   with open(path, "w") as f:
     f.write(text)
+
+
+def shape_cell(name: str, cfg) -> str:
+  """'gpt2 (12×768, V 50257)': a row's shape cell."""
+  return f"{name} ({cfg.num_layers}×{cfg.hidden_size}, V {cfg.vocab_size})"
+
+
+def context_cells(loads: Sequence[float], argv: Optional[Sequence[str]], script: str,
+                  extra_versions: str = "") -> str:
+  """The closing cells of every recorded row: '| machine, load a→b | versions | `cmd` |'."""
+  load = "→".join(f"{x:.1f}" for x in loads)
+  return (f"| {machine()}, load {load} | {versions()}{extra_versions} "
+          f"| `{command_line(argv, script)}` |")
+
+
+def publish_rows(path: Optional[str], section: str, intro: str, header: str,
+                 rows: Sequence[str]) -> None:
+  """Prints the table; appends `rows` to `section` of markdown file `path` when given."""
+  print(header + "\n".join(rows), flush=True)
+  if path:
+    append_section_rows(path, section, intro, header, rows)
+    print(f"# appended to {path}")
 
 
 def fmt_rate(x: float, unit: str = "") -> str:

@@ -42,7 +42,7 @@ SHAPES = {
 SECTION = "## Sampling: `sampling.generate` vs transformers `generate`"
 TABLE_HEADER = (
     "| date | shape | batch | prompt | new | mode | JAX tok/s | torch tok/s | JAX / torch | "
-    "JAX compile s | machine | jax / torch | command |\n"
+    "JAX compile s | machine, load | versions | command |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 SECTION_INTRO = """
 Generated tokens per second (batch × new tokens / wall time of one `generate` call, median
@@ -179,16 +179,13 @@ def main(argv=None) -> None:
       print(f"# greedy tokens identical to torch: {same:.1%}")
 
   ratio = jax_tps / torch_tps
-  cmd = common.command_line(argv, __file__)
   shape_name = args.shape + (f" ({shape['layers']} layers)" if args.layers else "")
   row = (f"| {common.today()} | {shape_name} | {b} | {p} | {n} | "
          f"{args.mode} | {jax_tps:.1f} | {torch_tps:.1f} ({torch_threads} thr) | {ratio:.2f}× | "
-         f"{compile_s:.1f} | {common.machine()}, load {load_start:.1f}→{common.load():.1f} | "
-         f"{jax.__version__} / {torch.__version__} | `{cmd}` |")
-  print(TABLE_HEADER + row)
-  if args.append:
-    common.append_section_rows(args.append, SECTION, SECTION_INTRO, TABLE_HEADER, [row])
-    print(f"# appended to {args.append}")
+         f"{compile_s:.1f} "
+         + common.context_cells([load_start, common.load()], argv, __file__,
+                                f", torch {torch.__version__}"))
+  common.publish_rows(args.append, SECTION, SECTION_INTRO, TABLE_HEADER, [row])
 
 
 if __name__ == "__main__":

@@ -278,16 +278,12 @@ def main(argv=None) -> dict:
           f"({roofline_tps:.0f} tok/s), MFU {result['generate_mfu']:.1%}, compile "
           f"~{result['compile_s']:.1f} s, compiles after warm-up {cc.count}; load "
           f"{common.load():.2f}", flush=True)
-    if args.append:
-      row = (f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, V "
-             f"{cfg.vocab_size}) | {args.dtype} | {B} | {P} | {N} | {gen_s:.2f} "
-             f"| {B * N / gen_s:.1f} | {step_bytes / 2**20:.0f} | {bw / 1e9:.1f} "
-             f"| {roofline_tps:.0f} | {B * N / gen_s / roofline_tps:.1%} "
-             f"| {result['generate_mfu']:.1%} | {cc.count} "
-             f"| {common.machine()}, load {load_start:.1f}→{common.load():.1f} "
-             f"| {common.versions()} | `{common.command_line(argv, __file__)}` |")
-      common.append_section_rows(args.append, GEN_SECTION, GEN_INTRO, GEN_HEADER, [row])
-      print(GEN_HEADER + row + f"\n# appended to {args.append}")
+    row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {args.dtype} | {B} "
+           f"| {P} | {N} | {gen_s:.2f} | {B * N / gen_s:.1f} | {step_bytes / 2**20:.0f} "
+           f"| {bw / 1e9:.1f} | {roofline_tps:.0f} | {B * N / gen_s / roofline_tps:.1%} "
+           f"| {result['generate_mfu']:.1%} | {cc.count} "
+           + common.context_cells([load_start, common.load()], argv, __file__))
+    common.publish_rows(args.append, GEN_SECTION, GEN_INTRO, GEN_HEADER, [row])
     _write_json(args, result)
     return result
 
@@ -325,23 +321,18 @@ def main(argv=None) -> dict:
   result["ratio"] = ratio
   if trl:
     print(f"JAX / TRL episodes/s: {ratio:.2f}x", flush=True)
-  load_end = common.load()
-  cmd = common.command_line(argv, __file__)
   trl_cell = (f"{trl['episodes_s']:.3f} ({trl['threads']} thr; gen {trl['generate_s']:.1f} s, "
               f"rest {trl['iter_s'] - trl['generate_s']:.1f} s)") if trl else "—"
-  row = (f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, V "
-         f"{cfg.vocab_size}) | {B} × ({P}+{N}) | {args.epochs} × {args.minibatches} "
+  row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {B} × ({P}+{N}) "
+         f"| {args.epochs} × {args.minibatches} "
          f"| {med['total']:.2f} | {result['episodes_s']:.3f} "
          f"| {med['generate']:.2f} ({mfu['generate']:.1%}) | {med['score']:.2f} ({mfu['score']:.1%}) "
          f"| {med['train']:.2f} ({mfu['train']:.1%}) | {result['gen_tps']:.0f} ({roofline_tps:.0f}) "
          f"| {cc.count} | {trl_cell} | {ratio:.2f}× "
          f"| {peak / 1e9:.0f} GFLOP/s, {bw / 1e9:.1f} GB/s "
-         f"| {common.machine()}, load {load_start:.1f}→{load_mid:.1f}→{load_end:.1f} "
-         f"| {common.versions()}{', ' + trl['versions'] if trl else ''} | `{cmd}` |")
-  print(HEADER + row)
-  if args.append:
-    common.append_section_rows(args.append, SECTION, INTRO, HEADER, [row])
-    print(f"# appended to {args.append}")
+         + common.context_cells([load_start, load_mid, common.load()], argv, __file__,
+                                ", " + trl["versions"] if trl else ""))
+  common.publish_rows(args.append, SECTION, INTRO, HEADER, [row])
   _write_json(args, result)
   return result
 

@@ -158,20 +158,15 @@ def main(argv=None) -> list[dict]:
           f"{r['tokens_s']:.0f} tok/s, {r['flops'] / 1e12:.3f} TFLOP/step, MFU {r['mfu']:.1%}, "
           f"compile {r['compile_s']:.1f} s, compiles after warm-up {r['compiles']}, "
           f"jit cache {r['cache_size']}, loss {r['loss']:.3f}", flush=True)
-  load_end = common.load()
-  cmd = common.command_line(argv, __file__)
+  context = common.context_cells([load_start, common.load()], argv, __file__)
   for r in results:
     rows.append(
-        f"| {common.today()} | {args.shape} ({cfg.num_layers}×{cfg.hidden_size}, V {cfg.vocab_size}) "
+        f"| {common.today()} | {common.shape_cell(args.shape, cfg)} "
         f"| {r['stage']} | {args.dtype}{' remat' if args.remat else ''} | {args.batch} × {args.seq} "
         f"| {r['step_s']:.3f} | {r['tokens_s']:.0f} | {r['flops'] / 1e12:.3f} "
         f"| {r['peak'] / 1e9:.1f} | {r['mfu']:.1%} | {r['compile_s']:.1f} | {r['compiles']} "
-        f"| {common.machine()}, load {load_start:.1f}→{load_end:.1f} | {common.versions()} "
-        f"| `{cmd}` |")
-  print(HEADER + "\n".join(rows))
-  if args.append:
-    common.append_section_rows(args.append, SECTION, INTRO, HEADER, rows)
-    print(f"# appended to {args.append}")
+        + context)
+  common.publish_rows(args.append, SECTION, INTRO, HEADER, rows)
   if args.json:
     import json
     with open(args.json, "w") as f:
