@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
   assert on["lengths"] == planned
   speedup = on["real_tok_s"] / off["real_tok_s"]
   print(f"speed-up {speedup:.2f}x (predicted {predicted:.2f}x)")
-  row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {args.batch} × {args.max_len} | {np.median(lengths):.0f}, "
+  row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} "
+         f"| {args.batch} × {args.max_len} | {np.median(lengths):.0f}, "
          f"{np.percentile(lengths, 90):.0f} | "
          f"{', '.join(f'{k}×{v}' for k, v in sorted(collections.Counter(planned).items()))} | "
          f"{off['step_s']:.3f}, {off['real_tok_s']:.0f} | {on['step_s']:.3f}, "

@@ -7,8 +7,8 @@
 - FLOP counting from a `ModelConfig` (`forward_flops`, `train_flops`).
 - `CompileCounter`: counts XLA backend compilations, so a harness can assert that nothing
   compiles after its warm-up.
-- `machine()`, `versions()`, `load()`, `context_cells()`, `publish_rows()`: the context every recorded
-  figure carries, and the markdown append into docs/benchmarks.md.
+- `machine()`, `versions()`, `load()`, `context_cells()`, `publish_rows()`: the context
+  every recorded figure carries, and the markdown append into docs/benchmarks.md.
 
 Model FLOPs count the matmuls (2 FLOPs per multiply-add) of the projections, the MLP, the
 LM / scalar head and attention's QK^T and PV over the full key length the implementation
@@ -27,7 +27,6 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 
 
 # --------------------------------------------------------------------------- shapes
@@ -268,14 +267,3 @@ def publish_rows(path: Optional[str], section: str, intro: str, header: str,
   if path:
     append_section_rows(path, section, intro, header, rows)
     print(f"# appended to {path}")
-
-
-def fmt_rate(x: float, unit: str = "") -> str:
-  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-    if abs(x) >= scale:
-      return f"{x / scale:.1f} {prefix}{unit}"
-  return f"{x:.1f} {unit}"
-
-
-def median(xs: Sequence[float]) -> float:
-  return float(np.median(np.asarray(xs)))

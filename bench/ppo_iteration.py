@@ -91,13 +91,14 @@ def phase_flops(cfg, b: int, p: int, n: int, epochs: int) -> dict:
 
 
 def decode_bytes(cfg, params, b: int, cache_len: int) -> int:
-  """Bytes one decode step reads at least: every weight in the compute dtype (matrices;
-  float32 master weights are cast once per call, see `sampling.compute_dtype_weights`) and
-  the whole KV cache."""
+  """Bytes one decode step reads at least: the weights as the sampler reads them
+  (`sampling.compute_dtype_weights`, shapes only) and the whole KV cache."""
   import jax
-  itemsize = 2 if cfg.dtype == "bfloat16" else 4
-  weights = sum(x.size * (itemsize if x.ndim >= 2 else x.dtype.itemsize)
-                for x in jax.tree.leaves(params))
+  import numpy as np
+  from rlhf_jax import sampling
+  read = jax.eval_shape(lambda p: sampling.compute_dtype_weights(cfg, p), params)
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(read))
+  itemsize = np.dtype(cfg.dtype).itemsize
   cache = 2 * cfg.num_layers * b * cfg.num_kv_heads * cache_len * cfg.head_dim * itemsize
   return weights + cache
 
@@ -127,8 +128,6 @@ def build(cfg, args, mesh):
   prompts = [sharding.host_to_global(mesh, dict(
       input_ids=rs.randint(1, cfg.vocab_size - 1, size=(B, P)).astype(np.int32),
       attention_mask=np.ones((B, P), np.int32))) for _ in range(2)]
-  base_key = jax.random.PRNGKey(0)
-  ptx_dummy = jnp.zeros((p.minibatches,))
 
   def generate(policy_params, batch, key):
     return sampling.generate(cfg, policy_params, batch["input_ids"], batch["attention_mask"],
@@ -137,6 +136,8 @@ def build(cfg, args, mesh):
   if args.generate_only:   # the sampler alone: no value / reward models, no optimisers
     return {"policy": ref}, None, generate, prompts, ref
 
+  base_key = jax.random.PRNGKey(0)
+  ptx_dummy = jnp.zeros((p.minibatches,))
   policy = jax.tree.map(jnp.copy, ref)
   reward = jax.jit(lambda: models.causal_to_scalar(
       cfg, models.init(cfg, jax.random.key(1), kind="causal"), jax.random.key(2)),
@@ -331,7 +332,7 @@ def main(argv=None) -> dict:
          f"| {cc.count} | {trl_cell} | {ratio:.2f}× "
          f"| {peak / 1e9:.0f} GFLOP/s, {bw / 1e9:.1f} GB/s "
          + common.context_cells([load_start, load_mid, common.load()], argv, __file__,
-                                ", " + trl["versions"] if trl else ""))
+                                f", {trl['versions']}" if trl else ""))
   common.publish_rows(args.append, SECTION, INTRO, HEADER, [row])
   _write_json(args, result)
   return result

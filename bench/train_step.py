@@ -33,9 +33,9 @@ INTRO = """
 state's shardings and `donate_argnums=(0,)` as `train_stage` does, on a 1-device mesh;
 random weights and ids. tokens/s = batch × seq / median step time (after one compile step).
 MFU = model FLOPs (6 × matmul params × tokens + attention QK/PV fwd+bwd, see
-`bench/common.py`) / step time / the matmul peak measured in the same run
-(`jnp.dot` of two [n,n] matrices in the compute dtype, f32 or bf16, best of 5). `compiles after warm-up` counts XLA
-backend compilations during the timed steps (must be 0). RM rows: batch/2 prompts × K=2.
+`bench/common.py`) / step time / the matmul peak measured in the same run (`jnp.dot` of
+two [n,n] matrices in the compute dtype, f32 or bf16, best of 5). `compiles after warm-up`
+counts XLA backend compilations during the timed steps (must be 0). RM rows: batch/2 prompts × K=2.
 """
 HEADER = ("| date | shape | stage | dtype | batch × seq | step s (median) | tokens/s | "
           "model TFLOP/step | matmul peak GFLOP/s | MFU | compile s | compiles after warm-up | "
