@@ -28,92 +28,17 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-ArrayLike = Any
-
-# log-ratios are clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] before exp() (PPO ratio, k3):
-# e^20 ~ 4.9e8 keeps products with advantages / coefficients far from float32 overflow
-# (e^89 overflows) while every ratio PPO actually sees (|log ρ| << 1) is untouched.
-# Beyond the clamp the value saturates and its gradient is 0 (jnp.clip's derivative).
-MAX_LOG_RATIO = 20.0
-
-# Whitening epsilon (added to the biased variance), as in Ziegler et al. 2019's code.
-WHITEN_EPS = 1e-8
+from rlhf_jax.losses.common import (MAX_LOG_RATIO, WHITEN_EPS, Array, ArrayLike, f32,
+                                    masked_max, safe_div, valid_mask, zero_masked,
+                                    masked_mean)
 
 _KL_KINDS = ("k1", "k2", "k3")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _f32(x: ArrayLike) -> Array:
-  return jnp.asarray(x).astype(jnp.float32)
-
-
-def _valid(mask: ArrayLike) -> Array:
-  """Boolean view of a mask (bool, int or float weights; nonzero = valid)."""
-  mask = jnp.asarray(mask)
-  return mask if mask.dtype == jnp.bool_ else mask != 0
-
-
-def _safe_div(num: Array, den: Array) -> Array:
-  """num / den where den > 0, else 0 — with a finite gradient in both branches."""
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-
-def _zero_masked(x: Array, valid: Array) -> Array:
-  """Replaces masked entries by 0 (a where, so inf/NaN there gets no gradient path)."""
-  return jnp.where(valid, x, jnp.zeros_like(x))
-
-
-def masked_sum(x: ArrayLike, mask: ArrayLike, axis: int | tuple[int, ...] | None = None
-               ) -> Array:
-  """Sum of ``x`` over valid entries: ``Σ x·m`` (float32).
-
-  Args:
-    x: array of any shape (float32 / bfloat16).
-    mask: same shape as ``x``; bool / int / float weights (0 = masked).
-    axis: axes to reduce; ``None`` reduces everything.
-
-  Returns:
-    ``Σ x·m`` over ``axis`` as float32. Masked entries contribute exactly 0 even if
-    they hold inf / NaN.
-  """
-  x, mask = jnp.asarray(x), jnp.asarray(mask)
-  chex.assert_equal_shape([x, mask])
-  m = _f32(mask)
-  return jnp.sum(_zero_masked(_f32(x), _valid(mask)) * m, axis=axis)
-
-
-def masked_mean(x: ArrayLike, mask: ArrayLike, axis: int | tuple[int, ...] | None = None
-                ) -> Array:
-  """Masked mean ``Σ x·m / Σ m`` (token-level over the whole batch when ``axis=None``).
-
-  Args:
-    x: array of any shape (float32 / bfloat16).
-    mask: same shape as ``x``; bool / int / float weights (0 = masked).
-    axis: axes to reduce; ``None`` reduces everything.
-
-  Returns:
-    float32 mean over ``axis``; 0 (with zero gradient) where ``Σ m = 0``.
-  """
-  x, mask = jnp.asarray(x), jnp.asarray(mask)
-  chex.assert_equal_shape([x, mask])
-  return _safe_div(masked_sum(x, mask, axis), jnp.sum(_f32(mask), axis=axis))
-
-
-def _masked_max(x: Array, valid: Array) -> Array:
-  """Max over valid entries, 0 if none (for aux statistics only)."""
-  neg = jnp.finfo(jnp.float32).min
-  out = jnp.max(jnp.where(valid, x, neg))
-  return jnp.where(jnp.any(valid), out, 0.0)
 
 
 # ------------------------------------------------------------------ step 1: SFT / ptx
@@ -141,10 +66,10 @@ def sft_loss(logits: ArrayLike, targets: ArrayLike, mask: ArrayLike) -> Array:
   chex.assert_equal_shape([targets, mask])
   chex.assert_equal_shape_prefix([logits, targets], 2)
   chex.assert_type(targets, int)
-  valid = _valid(mask)
+  valid = valid_mask(mask)
   # Masked targets may be out of range (-100, pad); point them at token 0 instead.
   safe_targets = jnp.where(valid, targets, 0)
-  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+  logp = jax.nn.log_softmax(f32(logits), axis=-1)
   tok_logp = jnp.take_along_axis(logp, safe_targets[..., None], axis=-1)[..., 0]
   return masked_mean(-tok_logp, mask)
 
@@ -179,23 +104,23 @@ def ranking_loss(rewards: ArrayLike, ranks: ArrayLike, valid: ArrayLike
   rewards, ranks, valid = jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(valid)
   chex.assert_rank(rewards, 2)
   chex.assert_equal_shape([rewards, ranks, valid])
-  ok = _valid(valid)
-  r = _zero_masked(_f32(rewards), ok)
+  ok = valid_mask(valid)
+  r = zero_masked(f32(rewards), ok)
   # pair[b, i, j]: slot i preferred over slot j, both valid, not a tie.
   pair = ok[:, :, None] & ok[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
   diff = r[:, :, None] - r[:, None, :]  # r_w − r_l for w = i, l = j
   pair_loss = -jax.nn.log_sigmoid(diff)
   pairf = pair.astype(jnp.float32)
   n_b = jnp.sum(pairf, axis=(1, 2))
-  loss_b = _safe_div(jnp.sum(jnp.where(pair, pair_loss, 0.0), axis=(1, 2)), n_b)
+  loss_b = safe_div(jnp.sum(jnp.where(pair, pair_loss, 0.0), axis=(1, 2)), n_b)
   has_pair = n_b > 0
   loss = masked_mean(loss_b, has_pair)
   num_pairs = jnp.sum(n_b)
   aux = dict(
-      accuracy=_safe_div(jnp.sum(pairf * (diff > 0)), num_pairs),
+      accuracy=safe_div(jnp.sum(pairf * (diff > 0)), num_pairs),
       num_pairs=num_pairs,
       num_prompts=jnp.sum(has_pair.astype(jnp.float32)),
-      margin=_safe_div(jnp.sum(jnp.where(pair, diff, 0.0)), num_pairs),
+      margin=safe_div(jnp.sum(jnp.where(pair, diff, 0.0)), num_pairs),
   )
   return loss, jax.lax.stop_gradient(aux)
 
@@ -221,15 +146,15 @@ def pairwise_loss(chosen: ArrayLike, rejected: ArrayLike, margin: ArrayLike = 0.
   chosen, rejected = jnp.asarray(chosen), jnp.asarray(rejected)
   chex.assert_rank(chosen, 1)
   chex.assert_equal_shape([chosen, rejected])
-  diff = _f32(chosen) - _f32(rejected)
-  losses = -jax.nn.log_sigmoid(diff - _f32(margin))
+  diff = f32(chosen) - f32(rejected)
+  losses = -jax.nn.log_sigmoid(diff - f32(margin))
   n = jnp.float32(diff.shape[0])
   aux = dict(
-      accuracy=_safe_div(jnp.sum((diff > 0).astype(jnp.float32)), n),
+      accuracy=safe_div(jnp.sum((diff > 0).astype(jnp.float32)), n),
       num_pairs=n,
-      margin=_safe_div(jnp.sum(diff), n),
+      margin=safe_div(jnp.sum(diff), n),
   )
-  return _safe_div(jnp.sum(losses), n), jax.lax.stop_gradient(aux)
+  return safe_div(jnp.sum(losses), n), jax.lax.stop_gradient(aux)
 
 
 # ------------------------------------------------------------------- step 3: PPO-ptx
@@ -256,7 +181,7 @@ def kl_penalty(logprobs: ArrayLike, ref_logprobs: ArrayLike, kind: str = "k1") -
     raise ValueError(f"kl_penalty: kind must be one of {_KL_KINDS}, got {kind!r}")
   logprobs, ref_logprobs = jnp.asarray(logprobs), jnp.asarray(ref_logprobs)
   chex.assert_equal_shape([logprobs, ref_logprobs])
-  d = _f32(logprobs) - _f32(ref_logprobs)
+  d = f32(logprobs) - f32(ref_logprobs)
   if kind == "k1":
     return d
   if kind == "k2":
@@ -288,15 +213,15 @@ def kl_penalized_rewards(scores: ArrayLike, logprobs: ArrayLike, ref_logprobs: A
   chex.assert_rank([scores, mask], [1, 2])
   chex.assert_equal_shape([logprobs, ref_logprobs, mask])
   chex.assert_equal_shape_prefix([scores, mask], 1)
-  valid = _valid(mask)
+  valid = valid_mask(mask)
   # Zero padded slots first: a padded ref log-prob of -inf must not make NaN gradients.
-  kl = kl_penalty(_zero_masked(_f32(logprobs), valid),
-                  _zero_masked(_f32(ref_logprobs), valid), kind)
-  rewards = jnp.where(valid, -_f32(kl_coef) * kl, 0.0)
+  kl = kl_penalty(zero_masked(f32(logprobs), valid),
+                  zero_masked(f32(ref_logprobs), valid), kind)
+  rewards = jnp.where(valid, -f32(kl_coef) * kl, 0.0)
   t = mask.shape[1]
   last = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)  # -1: no valid token
   at_last = jax.nn.one_hot(last, t, dtype=jnp.float32)           # one_hot(-1) = zeros
-  return rewards + at_last * _f32(scores)[:, None]
+  return rewards + at_last * f32(scores)[:, None]
 
 
 def gae(rewards: ArrayLike, values: ArrayLike, mask: ArrayLike, gamma: ArrayLike,
@@ -326,10 +251,10 @@ def gae(rewards: ArrayLike, values: ArrayLike, mask: ArrayLike, gamma: ArrayLike
   rewards, values, mask = jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask)
   chex.assert_rank(rewards, 2)
   chex.assert_equal_shape([rewards, values, mask])
-  valid = _valid(mask)
-  r = _zero_masked(_f32(rewards), valid)
-  v = _zero_masked(_f32(values), valid)
-  gamma, lam = _f32(gamma), _f32(lam)
+  valid = valid_mask(mask)
+  r = zero_masked(f32(rewards), valid)
+  v = zero_masked(f32(values), valid)
+  gamma, lam = f32(gamma), f32(lam)
 
   def step(carry, inp):
     next_v, next_a = carry
@@ -363,8 +288,8 @@ def whiten(x: ArrayLike, mask: ArrayLike, shift_mean: bool = True) -> Array:
   """
   x, mask = jnp.asarray(x), jnp.asarray(mask)
   chex.assert_equal_shape([x, mask])
-  valid = _valid(mask)
-  x = _zero_masked(_f32(x), valid)
+  valid = valid_mask(mask)
+  x = zero_masked(f32(x), valid)
   mean = masked_mean(x, mask)
   var = masked_mean(jnp.square(x - mean), mask)
   y = (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS)
@@ -410,9 +335,9 @@ def ppo_policy_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, advantages: Ar
     raise ValueError(f"ppo_policy_loss: dual_clip must be > 1, got {dual_clip}")
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-  valid = _valid(mask)
-  log_ratio = _zero_masked(_f32(logprobs) - _f32(old_logprobs), valid)
-  adv = _zero_masked(_f32(advantages), valid)
+  valid = valid_mask(mask)
+  log_ratio = zero_masked(f32(logprobs) - f32(old_logprobs), valid)
+  adv = zero_masked(f32(advantages), valid)
   ratio = jnp.exp(jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   pg1 = -adv * ratio
   pg2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
@@ -428,7 +353,7 @@ def ppo_policy_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, advantages: Ar
       approx_kl=masked_mean(-log_ratio, mask),
       approx_kl_k2=0.5 * masked_mean(jnp.square(log_ratio), mask),
       ratio_mean=masked_mean(ratio, mask),
-      ratio_max=_masked_max(ratio, valid),
+      ratio_max=masked_max(ratio, valid),
   )
   return loss, jax.lax.stop_gradient(aux)
 
@@ -459,10 +384,10 @@ def ppo_value_loss(values: ArrayLike, old_values: ArrayLike, returns: ArrayLike,
   returns, mask = jnp.asarray(returns), jnp.asarray(mask)
   chex.assert_rank(values, 2)
   chex.assert_equal_shape([values, old_values, returns, mask])
-  valid = _valid(mask)
-  v = _zero_masked(_f32(values), valid)
-  v_old = _zero_masked(_f32(old_values), valid)
-  ret = _zero_masked(_f32(returns), valid)
+  valid = valid_mask(mask)
+  v = zero_masked(f32(values), valid)
+  v_old = zero_masked(f32(old_values), valid)
+  ret = zero_masked(f32(returns), valid)
   err = jnp.square(v - ret)
   if clip_eps is None:
     return 0.5 * masked_mean(err, mask), dict(clip_frac=jnp.float32(0.0))
@@ -493,7 +418,7 @@ def entropy(logits: ArrayLike, mask: ArrayLike) -> Array:
   chex.assert_equal_shape_prefix([logits, mask], 2)
   # A huge finite floor instead of -inf: p = 0 there and p·log p = 0·(−1e30) = 0, whereas
   # 0·(−inf) would be NaN in the value and in the gradient.
-  z = jnp.maximum(_f32(logits), -1e30)
+  z = jnp.maximum(f32(logits), -1e30)
   logp = jax.nn.log_softmax(z, axis=-1)
   h = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
   return masked_mean(h, mask)
@@ -519,8 +444,8 @@ def adaptive_kl_update(kl_coef: ArrayLike, observed_kl: ArrayLike, n_steps: Arra
   Returns:
     The new β, float32 scalar.
   """
-  e = jnp.clip(_f32(observed_kl) / _f32(target) - 1.0, -0.2, 0.2)
-  return _f32(kl_coef) * (1.0 + e * _f32(n_steps) / _f32(horizon))
+  e = jnp.clip(f32(observed_kl) / f32(target) - 1.0, -0.2, 0.2)
+  return f32(kl_coef) * (1.0 + e * f32(n_steps) / f32(horizon))
 
 
 class KLControllerState(NamedTuple):
@@ -585,8 +510,3 @@ def kl_controller_update(state: KLControllerState, observed_kl: ArrayLike,
   """
   new = adaptive_kl_update(state.kl_coef, observed_kl, n_steps, state.target, state.horizon)
   return state._replace(kl_coef=jnp.where(state.adaptive, new, state.kl_coef))
-
-
-# The SFT loss from final hidden states and the unembedding, chunked so that no [B, T, V]
-# logits are held (its own module: the custom gradient is a room of its own).
-from rlhf_jax.unembed_loss import sft_loss_from_hidden  # noqa: E402,F401
