@@ -1,8 +1,8 @@
 r"""Per-device memory of a ~1B-parameter Llama SFT train step: fsdp=8 vs data=8.
 
 Nothing of the 1B model is materialised: the train state and batch are ShapeDtypeStructs
-that carry their shardings, the trainer's own jitted step (`sft.make_train_step`, with the
-explicit in/out shardings and donation `sft.train_stage` uses) is lowered and compiled for 8
+that carry their shardings, the trainer's own jitted step (`sft.build` on abstract params:
+the explicit in/out shardings and donation the SFT stage uses) is lowered and compiled for 8
 fake CPU devices, and XLA's compiled memory analysis reports the per-device buffers:
 
     arguments (state + batch shard) + outputs − aliased (donated state) + temporaries
@@ -32,36 +32,33 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlhf_jax import config as config_lib  # noqa: E402
-from rlhf_jax import models, optim, sharding  # noqa: E402
-from rlhf_jax.trainers import sft  # noqa: E402
+from rlhf_jax import models, sharding  # noqa: E402
+from rlhf_jax.trainers import model_init, sft  # noqa: E402
 from rlhf_jax.trainers import state as state_lib  # noqa: E402
 
 GIB = 2.0 ** 30
 
 
-def abstract_step_inputs(cfg, mesh, batch: int, seq_len: int, tx):
-  """(state, batch) as ShapeDtypeStructs with the shardings the SFT stage uses."""
+def abstract_parts(cfg, mesh, batch: int, seq_len: int, grad_accum: int):
+  """The SFT stage's parts on abstract params, and its (state, batch) as ShapeDtypeStructs."""
   abstract_params = models.abstract_params(cfg, "causal")
   p_shard = state_lib.model_shardings(mesh, cfg, "causal", sharding.DEFAULT_RULES,
                                       shapes=abstract_params)
-  shardings, _, _ = state_lib.build(mesh, 0, {"params": (abstract_params, p_shard, tx)})
-  shapes = dict(jax.eval_shape(lambda: state_lib.scalar_state(0)),
-                params=abstract_params, opt_state=jax.eval_shape(tx.init, abstract_params))
-  state = state_lib.abstract_with_shardings(shapes, {k: shardings[k] for k in shapes})
+  conf = config_lib.sft_config()
+  conf.train.batch_size, conf.train.grad_accum = batch, grad_accum
+  parts = sft.build(conf, mesh, model_init.Model(cfg, abstract_params, p_shard), 1000)
+  state = parts.abstract_state()
   b_shard = sharding.batch_sharding(mesh, 2)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=b_shard)
-  return shardings, state, dict(input_ids=tokens, attention_mask=tokens, loss_mask=tokens)
+  return parts, state, dict(input_ids=tokens, attention_mask=tokens, loss_mask=tokens)
 
 
 def measure(cfg, mesh_shape: dict, batch: int, seq_len: int, grad_accum: int) -> dict:
   mesh = sharding.make_mesh(mesh_shape)
-  tx = optim.make_optimizer(config_lib.base_config("sft").optim, 1000)
-  shardings, state, batch_in = abstract_step_inputs(cfg, mesh, batch, seq_len, tx)
-  step = jax.jit(sft.make_train_step(cfg, tx, grad_accum),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+  parts, state, batch_in = abstract_parts(cfg, mesh, batch, seq_len, grad_accum)
+  shardings = parts.shardings
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch_in).compile()
+  compiled = parts.step_fn.lower(state, batch_in).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   per_device_state = 0

@@ -1,10 +1,10 @@
 """One full PPO iteration (rollout, experience, update): episodes/s, time split and MFU per phase.
 
-Wires the trainers' own pieces exactly as `trainers.ppo.train_stage` does, with random
-weights: rollout with `sampling.generate`, experience (policy / reference log-probs, values,
-reward-model scores, KL-penalised rewards, GAE) with `ppo_experience.make_experience_fn`, and
-`ppo.epochs` × `ppo.minibatches` updates with `ppo.make_update_fn` (+ the KL-controller
-step), each jitted with the state's shardings and donation on a 1-device mesh.
+Runs the trainer's own parts (`trainers.ppo.build`, then `trainers.ppo.iteration`) with
+random weights on a 1-device mesh: rollout with `sampling.generate`, experience (policy /
+reference log-probs, values, reward-model scores, KL-penalised rewards, GAE), and
+`ppo.epochs` × `ppo.minibatches` updates (+ the KL-controller step), each jitted with the
+state's shardings and donation.
 
     python bench/ppo_iteration.py --shape tiny --iterations 3
     python bench/ppo_iteration.py --shape gpt2 --iterations 1 --trl    # + TRL's PPOTrainer
@@ -43,9 +43,9 @@ TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
 
 SECTION = "## PPO iteration: episodes/s, phase split and MFU (vs TRL 0.19 PPOTrainer)"
 INTRO = """
-`bench/ppo_iteration.py`: one PPO iteration as `trainers.ppo.train_stage` runs it (rollout
-with `sampling.generate`, `ppo_experience.make_experience_fn`, `ppo.make_update_fn` + the KL
-step), random weights, 1-device mesh, float32 (CPU) or bfloat16 compute with float32 master
+`bench/ppo_iteration.py`: one PPO iteration, `trainers.ppo.iteration` on the parts of
+`trainers.ppo.build` (rollout with `sampling.generate`, experience, update + the KL step),
+random weights, 1-device mesh, float32 (CPU) or bfloat16 compute with float32 master
 weights (GPU), no EOS during the rollout (every response is full length), no ptx term.
 Time = median over the timed iterations after one warm-up iteration; episodes/s = batch /
 iteration time. Per-phase MFU against the matmul peak of the compute dtype measured in the
@@ -104,20 +104,21 @@ def decode_bytes(cfg, params, b: int, cache_len: int) -> int:
 
 
 def build(cfg, args, mesh):
-  """States, jitted functions and a one-iteration closure, as ppo.train_stage wires them."""
+  """Random-weight PPO parts from the trainer's own `trainers.ppo.build`, two prompt batches,
+  and a one-iteration closure around `trainers.ppo.iteration` (its three phase timers)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from rlhf_jax import config as config_lib
-  from rlhf_jax import losses, models, optim, sampling, sharding
-  from rlhf_jax.trainers import ppo as ppo_lib
-  from rlhf_jax.trainers import ppo_experience as experience_lib
+  from rlhf_jax import models, sampling, sharding
+  from rlhf_jax.trainers import model_init, ppo
   from rlhf_jax.trainers import state as state_lib
 
   conf = config_lib.ppo_config()
   p = conf.ppo
   p.epochs, p.minibatches, p.max_new_tokens = args.epochs, args.minibatches, args.new_tokens
   p.ptx_coef = 0.0
+  p.iterations = max(args.iterations + 1, 1)   # the optimiser schedule's length
+  conf.train.batch_size = args.batch
   rules = state_lib.parse_rules("")
   c_shard = state_lib.model_shardings(mesh, cfg, "causal", rules)
   s_shard = state_lib.model_shardings(mesh, cfg, "scalar", rules)
@@ -136,54 +137,28 @@ def build(cfg, args, mesh):
   if args.generate_only:   # the sampler alone: no value / reward models, no optimisers
     return {"policy": ref}, None, generate, prompts, ref
 
-  base_key = jax.random.PRNGKey(0)
-  ptx_dummy = jnp.zeros((p.minibatches,))
-  policy = jax.tree.map(jnp.copy, ref)
   reward = jax.jit(lambda: models.causal_to_scalar(
       cfg, models.init(cfg, jax.random.key(1), kind="causal"), jax.random.key(2)),
       out_shardings=s_shard)()
-  value = jax.tree.map(jnp.copy, reward)
-  normalization = dict(mean=0.0, std=1.0, gain=False)
-  eos_id = cfg.vocab_size - 1          # for the experience's no-EOS penalty only
-  steps = max(args.iterations + 1, 1) * p.epochs * p.minibatches
-  policy_tx = optim.make_optimizer(conf.optim, steps)
-  value_tx = optim.make_optimizer(conf.optim, steps, lr_scale=p.value_lr_scale)
-  shardings, base_init, _ = state_lib.build(
-      mesh, 0, {"policy": (policy, c_shard, policy_tx), "value": (value, s_shard, value_tx)})
-  kl_init = losses.kl_controller_init(p.kl_controller, p.kl_coef, p.kl_target,
-                                      p.kl_horizon)._asdict()
-  shardings["kl_ctl"] = jax.tree.map(lambda _: sharding.replicated(mesh), kl_init)
-  state = base_init()
-  state["kl_ctl"] = jax.device_put(kl_init, shardings["kl_ctl"])
-  del policy, value
-
-  exp_fn = jax.jit(experience_lib.make_experience_fn(cfg, cfg, cfg, p, normalization, eos_id, P))
-  update_fn = jax.jit(ppo_lib.make_update_fn(cfg, cfg, p, policy_tx, value_tx, P, use_ptx=False),
-                      in_shardings=(shardings, None, None, None),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
-  kl_fn = jax.jit(ppo_lib.make_kl_update_fn(p, B), donate_argnums=(0,),
-                  in_shardings=(shardings, None), out_shardings=shardings)
+  value = jax.tree.map(jax.numpy.copy, reward)
+  # No stop ids: every response is generated to its full length (as on TRL's side); the
+  # experience's no-EOS penalty still reads `eos_id`.
+  parts = ppo.build(conf, mesh, ppo.Models(
+      policy=model_init.Model(cfg, ref, c_shard), value=model_init.Model(cfg, value, s_shard),
+      reward=model_init.Model(cfg, reward, s_shard),
+      normalization=dict(mean=0.0, std=1.0, gain=False), eos_id=cfg.vocab_size - 1,
+      pad_id=0, stop_ids=()), use_ptx=False)
+  state = parts.init_state()
+  base_key = jax.random.PRNGKey(0)
 
   def iteration(state, index):
-    # The body of ppo.train_stage's `step`, with its three timers.
-    t0 = time.perf_counter()
-    gen_key, perm_key = jax.random.split(jax.random.fold_in(base_key, index))
-    batch = prompts[index % 2]
-    out = generate(state["policy"], batch, gen_key)
-    jax.block_until_ready(out.tokens)
-    t1 = time.perf_counter()
-    exp, metrics = exp_fn(state["policy"], ref, state["value"], reward,
-                          state["kl_ctl"]["kl_coef"], batch["input_ids"],
-                          batch["attention_mask"], out.tokens, out.mask)
-    jax.block_until_ready(exp)
-    t2 = time.perf_counter()
-    state, train_metrics = update_fn(state, exp, ptx_dummy, perm_key)
-    state = kl_fn(state, metrics["kl"])
-    jax.block_until_ready(state["step"])
-    t3 = time.perf_counter()
-    return state, dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, total=t3 - t0,
-                       loss=float(train_metrics["loss"]),
-                       tokens=int(np.asarray(out.mask).sum()))
+    state, m = ppo.iteration(parts, state, prompts[index % 2], None,
+                             jax.random.fold_in(base_key, index))
+    return state, dict(generate=m["time_generate"], score=m["time_score"],
+                       train=m["time_train"],
+                       total=m["time_generate"] + m["time_score"] + m["time_train"],
+                       loss=float(m["loss"]),
+                       tokens=int(round(float(m["response_length"]) * B)))
 
   return state, iteration, generate, prompts, ref
 
@@ -235,7 +210,6 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
 
   import jax
-  import numpy as np
   from rlhf_jax import models, sharding
 
   cfg = models.get_preset(SHAPES[args.shape], dtype=args.dtype)

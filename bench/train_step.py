@@ -1,8 +1,7 @@
 """SFT and RM train-step throughput and MFU against this machine's measured matmul peak.
 
-Uses the trainers' own step builders (`trainers.sft.make_train_step`,
-`trainers.rm.make_train_step`) and state (`trainers.state.build`) on a 1-device mesh,
-jitted exactly as `train_stage` does (shardings + donated state). Random weights, random
+Uses the trainers' own `build` (`trainers.sft.build`, `trainers.rm.build`: the state and the
+jitted step with its shardings and donated state) on a 1-device mesh. Random weights, random
 token ids; the SFT batch masks the first `--prompt-len` tokens out of the loss; the RM
 batch is `--batch / 2` prompts × K = 2 responses of `--seq` tokens (so both stages push
 `--batch × --seq` tokens through the model per step).
@@ -30,7 +29,7 @@ SECTION = "## Train step: SFT and RM tokens/s and MFU"
 INTRO = """
 `bench/train_step.py`: one optimiser step of `trainers.sft.make_train_step` /
 `trainers.rm.make_train_step` (AdamW + global-norm clip, NaN guard), jitted with the
-state's shardings and `donate_argnums=(0,)` as `train_stage` does, on a 1-device mesh;
+state's shardings and `donate_argnums=(0,)` by the trainers' `build`, on a 1-device mesh;
 random weights and ids. tokens/s = batch × seq / median step time (after one compile step).
 MFU = model FLOPs (6 × matmul params × tokens + attention QK/PV fwd+bwd, see
 `bench/common.py`) / step time / the matmul peak measured in the same run (`jnp.dot` of
@@ -65,27 +64,24 @@ def rm_batch(rs, cfg, batch: int, seq: int, k: int = 2):
 
 
 def build_step(stage: str, cfg, mesh, total_steps: int, grad_accum: int):
-  """(fresh train state, jitted step) as `trainers.single_model.prepare` wires them."""
+  """(fresh train state, jitted step) from the trainer's own `build` (random weights)."""
   import jax
   from rlhf_jax import config as config_lib
-  from rlhf_jax import models, optim, sharding
+  from rlhf_jax import models
+  from rlhf_jax.trainers import model_init
   from rlhf_jax.trainers import rm as rm_lib
   from rlhf_jax.trainers import sft as sft_lib
   from rlhf_jax.trainers import state as state_lib
 
   kind = "causal" if stage == "sft" else "scalar"
   conf = config_lib.sft_config() if stage == "sft" else config_lib.rm_config()
-  rules = state_lib.parse_rules("")
-  p_shard = state_lib.model_shardings(mesh, cfg, kind, rules)
+  conf.train.grad_accum = grad_accum
+  p_shard = state_lib.model_shardings(mesh, cfg, kind, state_lib.parse_rules(""))
   params = jax.jit(lambda: models.init(cfg, jax.random.key(0), kind=kind),
                    out_shardings=p_shard)()
-  tx = optim.make_optimizer(conf.optim, total_steps)
-  shardings, init_state, _ = state_lib.build(mesh, 0, {"params": (params, p_shard, tx)})
-  builder = sft_lib.make_train_step if stage == "sft" else rm_lib.make_train_step
-  step_fn = jax.jit(builder(cfg, tx, grad_accum),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),
-                    out_shardings=(shardings, None), donate_argnums=(0,))
-  return init_state(), step_fn
+  trainer = sft_lib if stage == "sft" else rm_lib
+  parts = trainer.build(conf, mesh, model_init.Model(cfg, params, p_shard), total_steps)
+  return parts.init_state(), parts.step_fn
 
 
 def run_stage(stage: str, cfg, args, mesh, peak: float) -> dict:

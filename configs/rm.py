@@ -15,7 +15,10 @@ Smoke test: --config=configs/rm.py:tiny
 """
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.pipeline import settings
 
 
 def get_config(arg=None):
-  return config_lib.apply_variant(config_lib.rm_config(), arg)
+  c = config_lib.apply_variant(config_lib.rm_config(), arg)
+  c.pipeline = settings.task_settings(arg)   # the built-in task's sizes (config.task='default')
+  return c

@@ -13,7 +13,10 @@ Smoke test: --config=configs/sft.py:tiny
 """
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.pipeline import settings
 
 
 def get_config(arg=None):
-  return config_lib.apply_variant(config_lib.sft_config("sft"), arg)
+  c = config_lib.apply_variant(config_lib.sft_config("sft"), arg)
+  c.pipeline = settings.task_settings(arg)   # the built-in task's sizes (config.task='default')
+  return c

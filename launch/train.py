@@ -70,16 +70,22 @@ def _config_or_exit():
     _user_error(" ".join(str(e).split()))
 
 
+def _overridden(argv) -> tuple:
+  """The config fields set on the command line (`--config.a.b=v` -> "a.b")."""
+  return tuple(a.split("=", 1)[0][len("--config."):] for a in argv
+               if a.startswith("--config."))
+
+
 def main(argv):
   del argv
   from rlhf_jax import log_setup
   log_setup.configure()
   from rlhf_jax import distributed
+  from rlhf_jax import run
   from rlhf_jax.errors import UserError
-  from rlhf_jax.trainers import dispatch
   try:
     distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
-    result = dispatch.train(_config_or_exit(), _WORKDIR.value)
+    result = run.run(_config_or_exit(), _WORKDIR.value, overridden=_overridden(sys.argv))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

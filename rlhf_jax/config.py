@@ -28,7 +28,7 @@ def data_spec(path: str = "", **columns) -> ml_collections.ConfigDict:
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
-  """Fields common to all stages, with defaults for the embedded default task."""
+  """Fields common to all stages."""
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = 0
@@ -166,9 +166,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def sft_config(stage: str = "sft") -> ml_collections.ConfigDict:
   """SFT (and `pretrain`): InstructGPT trains 16 epochs, cosine to 10 %, dropout 0.2."""
-  c = base_config(stage)
-  c.pipeline = pipeline_config()
-  return c
+  return base_config(stage)
 
 
 def rm_config() -> ml_collections.ConfigDict:
@@ -179,7 +177,6 @@ def rm_config() -> ml_collections.ConfigDict:
   ))
   c.data.norm = data_spec()   # demonstrations (prompt/completion) for the normalisation
   c.optim.lr = 1e-4
-  c.pipeline = pipeline_config()
   return c
 
 
@@ -220,25 +217,7 @@ def ppo_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "constant"
   c.train.log_every = 1
   c.train.ckpt_every = 20
-  c.pipeline = pipeline_config()
   return c
-
-
-def pipeline_config() -> ml_collections.ConfigDict:
-  """Sizes of the embedded default task's stages (used only when config.task='default')."""
-  return ml_collections.ConfigDict(dict(
-      n_letters=6, max_args=5,             # the world: letters a.., 2..max_args per prompt
-      p_correct=0.2, p_ramble=0.25, p_unsafe=0.15,  # corpus mix (+ filler .15, wrong .12,
-                                                     #  invented .13): how misaligned the base is
-      corpus_docs=20000, demonstrations=300, rm_prompts=4000, k=4, eval_prompts=256,
-      rm_eval_prompts=200, labeler_temperature=0.05,
-      pretrain_steps=2000, pretrain_lr=3e-3,
-      sft_steps=10, sft_lr=1e-4,
-      rm_steps=150, rm_lr=5e-4,
-      ppo_iterations=200, ppo_lr=1e-4, ppo_batch_size=64,
-      compare_no_ptx=True,    # also train plain PPO to measure the alignment tax
-      evaluate=True,
-  ))
 
 
 def validate_stage(c) -> None:
@@ -273,21 +252,21 @@ def validate_stage(c) -> None:
                         f"{c.data.max_len - c.data.max_prompt_len}")
 
 
+def variants(arg) -> list:
+  """The comma-separated variants of `--config=configs/<stage>.py:<arg>`."""
+  return [v.strip() for v in (arg or "").split(",") if v.strip()]
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-  """`--config=configs/<stage>.py:tiny` shrinks everything to a CI/laptop smoke test."""
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for variant in variants:
+  """`--config=configs/<stage>.py:tiny` shrinks everything to a CI/laptop smoke test (the
+  built-in task's own sizes shrink in `pipeline.settings.task_settings`)."""
+  for variant in variants(arg):
     if variant == "tiny":
       c.train.batch_size = 16
       c.train.log_every = 2
       c.model.preset = "tiny"
       c.train.eval_batches = 1
       c.train.progress = False
-      pc = c.pipeline
-      pc.corpus_docs, pc.demonstrations, pc.rm_prompts = 600, 48, 48
-      pc.eval_prompts, pc.rm_eval_prompts, pc.k = 32, 16, 3
-      pc.pretrain_steps, pc.sft_steps, pc.rm_steps, pc.ppo_iterations = 6, 4, 4, 3
-      pc.ppo_batch_size = 16
       if "ppo" in c:
         c.ppo.iterations = 3
         c.ppo.minibatches = 2

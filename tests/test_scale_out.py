@@ -1,4 +1,4 @@
-"""Scale-out: the trainers' own jitted steps give the same numbers on every mesh.
+"""Scale-out: the trainers' own jitted steps (their `build`) give the same numbers on every mesh.
 
 With the 8 fake CPU devices of conftest.py, one SFT step, one RM step and one PPO update
 (experience + epochs × minibatches) run on the (8,1,1), (2,4,1), (2,2,2) and (1,4,2) meshes
@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import models, optim, sampling, sharding
+from rlhf_jax import models, sampling, sharding
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.trainers import batching, ppo, ppo_experience, rm, sft
+from rlhf_jax.trainers import batching, model_init, ppo, rm, sft
 from rlhf_jax.trainers import state as state_lib
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
@@ -66,8 +66,9 @@ def _optim_cfg():
 
 def _ppo_cfg():
   p = config_lib.ppo_config().ppo
-  p.minibatches, p.epochs, p.ptx_coef = 2, 2, 1.0
-  p.no_eos_penalty, p.kl_coef = 0.5, 0.05
+  p.minibatches, p.epochs, p.ptx_coef, p.ptx_batch_size = 2, 2, 1.0, PTX_ROWS
+  p.no_eos_penalty, p.kl_coef, p.value_lr_scale = 0.5, 0.05, 0.5
+  p.max_new_tokens = N_PPO
   return p
 
 
@@ -135,52 +136,43 @@ REWARD0 = _host_params(CFG, "scalar", 3)
 # ------------------------------------------------------------------- one step per stage
 
 
-def _single_model_state(mesh, cfg, kind, params0, tx):
-  p_shard = state_lib.model_shardings(mesh, cfg, kind, RULES)
-  params = state_lib.place(params0, p_shard)
-  shardings, init_state, _ = state_lib.build(mesh, 0, {"params": (params, p_shard, tx)})
-  return shardings, init_state()
+def _stage_config(make, batch_size: int, grad_accum: int = 1):
+  c = make()
+  c.optim = _optim_cfg()
+  c.train.batch_size, c.train.grad_accum = batch_size, grad_accum
+  return c
+
+
+def _model(mesh, cfg, kind, params0):
+  return model_init.place(mesh, RULES, cfg, kind, params0)
 
 
 def run_sft(mesh, cfg=CFG):
-  tx = optim.make_optimizer(_optim_cfg(), 10)
-  shardings, st = _single_model_state(mesh, cfg, "causal", POLICY0, tx)
-  step = jax.jit(sft.make_train_step(cfg, tx, ACCUM),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
-  new, metrics = step(st, sharding.host_to_global(mesh, SFT_BATCH))
-  return new, metrics
+  parts = sft.build(_stage_config(config_lib.sft_config, B_SFT, ACCUM), mesh,
+                    _model(mesh, cfg, "causal", POLICY0), total_steps=10)
+  return sft.step(parts, parts.init_state(), SFT_BATCH)
 
 
 def run_rm(mesh):
-  tx = optim.make_optimizer(_optim_cfg(), 10)
-  shardings, st = _single_model_state(mesh, CFG, "scalar", SCALAR0, tx)
-  step = jax.jit(rm.make_train_step(CFG, tx, 1),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
-  return step(st, sharding.host_to_global(mesh, RM_BATCH))
+  parts = rm.build(_stage_config(config_lib.rm_config, B_RM), mesh,
+                   _model(mesh, CFG, "scalar", SCALAR0), total_steps=10)
+  return rm.step(parts, parts.init_state(), RM_BATCH)
 
 
 def run_ppo(mesh):
-  p = _ppo_cfg()
-  policy_tx = optim.make_optimizer(_optim_cfg(), 10)
-  value_tx = optim.make_optimizer(_optim_cfg(), 10, lr_scale=0.5)
-  pol_shard = state_lib.model_shardings(mesh, CFG, "causal", RULES)
-  val_shard = state_lib.model_shardings(mesh, CFG, "scalar", RULES)
-  ref = state_lib.place(POLICY0, pol_shard)
-  policy = jax.tree.map(jnp.copy, ref)
-  value = state_lib.place(SCALAR0, val_shard)
-  reward = state_lib.place(REWARD0, val_shard)
-  shardings, init_state, _ = state_lib.build(
-      mesh, 0, {"policy": (policy, pol_shard, policy_tx), "value": (value, val_shard, value_tx)})
-  st = init_state()
-  norm = dict(mean=0.25, std=2.0, gain=True)
-  exp_fn = jax.jit(ppo_experience.make_experience_fn(CFG, CFG, CFG, p, norm, EOS, P_PPO))
-  update_fn = jax.jit(ppo.make_update_fn(CFG, CFG, p, policy_tx, value_tx, P_PPO, use_ptx=True),
-                      in_shardings=(shardings, None, None, None),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+  c = _stage_config(config_lib.ppo_config, B_PPO)
+  c.ppo = _ppo_cfg()
+  models = ppo.Models(policy=_model(mesh, CFG, "causal", POLICY0),
+                      value=_model(mesh, CFG, "scalar", SCALAR0),
+                      reward=_model(mesh, CFG, "scalar", REWARD0),
+                      normalization=dict(mean=0.25, std=2.0, gain=True), eos_id=EOS,
+                      pad_id=PAD, stop_ids=(EOS,))
+  parts = ppo.build(c, mesh, models, use_ptx=True)
+  st = parts.init_state()
+  exp_fn, update_fn = parts.fns(P_PPO)
   batch = sharding.host_to_global(mesh, PPO_PROMPTS)
-  exp, exp_metrics = exp_fn(st["policy"], ref, st["value"], reward, jnp.float32(p.kl_coef),
+  exp, exp_metrics = exp_fn(st["policy"], models.policy.params, st["value"],
+                            models.reward.params, st["kl_ctl"]["kl_coef"],
                             batch["input_ids"], batch["attention_mask"], batch["tokens"],
                             batch["response_mask"])
   exp_host = _to_host(exp)

@@ -51,8 +51,8 @@ def _model(cfg: ModelConfig, params: Params) -> transformer.Model:
 
 
 # Below this many params, `init` draws all normal-initialised params with ONE
-# jax.random.normal call and slices it: XLA:CPU compiles every threefry call separately
-# (0.3-0.6 s each), which made a 2-layer test model take ~8 s to initialise. Bigger models
+# jax.random.normal call and slices it: XLA:CPU compiles every threefry call separately,
+# which made even a 2-layer test model slow to initialise. Bigger models
 # draw one array per distinct shape (stacked over layers), which stays shardable.
 _FLAT_INIT_MAX = 2**28
 
@@ -214,8 +214,7 @@ def head_values(cfg: ModelConfig, params: Params, hidden):
   """The scalar head on final hidden states [..., D] (e.g. a slice of `hidden_states`).
 
   Slicing the hidden states to the positions needed and then applying the head can be
-  faster than slicing `values(...)`: for a GPT-2-small value model's gradient on XLA:CPU the
-  backward pass ran 7.3 s against 4.9 s (docs/benchmarks.md).
+  faster than slicing `values(...)` (docs/benchmarks.md compares the two).
   """
   _require(params, "scalar", "head_values")
   return _model(cfg, params).score_head(hidden)

@@ -1,7 +1,7 @@
 """The embedded default: the whole InstructGPT pipeline on the built-in task, no downloads.
 
 `run_until(stage, config, workdir)` runs every stage up to `stage` in its own sub-workdir,
-announcing each and reusing any that already finished (its `export/` exists):
+announcing each and reusing any that already finished (its `export/DONE` exists):
 
     <workdir>/task_data/   tokenizer, corpus, demonstrations, prompts, oracle rankings (jsonl)
     <workdir>/pretrain/    the "pretrained" base model (misaligned, like GPT-3)
@@ -11,7 +11,8 @@ announcing each and reusing any that already finished (its `export/` exists):
     <workdir>/ppo_noptx/   plain PPO, for the alignment-tax comparison
     <workdir>/eval.json, report.md, *.png   the paper-style evaluation
 
-The trainers see only the jsonl files, through the same loaders as real datasets; the
+Each stage's config comes from the declarative table in `settings.STAGES`; the trainers see
+only those configs and the jsonl files, through the same loaders as real datasets. The
 oracle is used only to label rankings and to evaluate.
 """
 
@@ -20,29 +21,45 @@ from __future__ import annotations
 import logging
 import os
 
-from rlhf_jax.pipeline import stages
-
 log = logging.getLogger("rlhf_jax")
 
 ORDER = ("pretrain", "sft", "rm", "ppo")
 
 
-def run_until(target: str, config, workdir: str) -> dict:
-  """Runs the embedded pipeline through `target`; evaluates after PPO."""
+def run_until(target: str, config, workdir: str, overridden=()) -> dict:
+  """Runs the built-in pipeline through `target`; evaluates after PPO.
+
+  Args:
+    target: the last stage ("pretrain", "sft", "rm" or "ppo").
+    config: the launcher's config; its `pipeline` block (default `settings.task_settings()`)
+      sizes the task, and the fields in `settings.INHERITED` reach every stage.
+    workdir: the run directory; each stage trains in a sub-directory.
+    overridden: fields set on the command line; those a stage replaces are logged.
+  """
+  from rlhf_jax.pipeline import settings as settings_lib
+  from rlhf_jax.pipeline import stages
+  task = config.pipeline if "pipeline" in config else settings_lib.task_settings()
+  names = list(ORDER[:ORDER.index(target) + 1])
+  if target == "ppo" and task.compare_no_ptx:
+    names.append("ppo_noptx")
+  task_dir = os.path.join(workdir, "task_data")
+  stage_configs = {name: settings_lib.stage_config(name, config, task, workdir, task_dir)
+                   for name in names}
+  for line in settings_lib.replaced_overrides(config, stage_configs, overridden):
+    log.warning("[pipeline] --config.%s is replaced by the built-in task's stages; change "
+                "the task with --config.pipeline.*, or train on your own data with "
+                "--config.task=", line)
   os.makedirs(workdir, exist_ok=True)
-  task_dir = stages.prepare_task_data(config, workdir)
+  stages.prepare_task_data(task, config.seed, task_dir)
   result: dict = {}
-  for stage in ORDER[:ORDER.index(target) + 1]:
-    if stage == "rm":
-      stages.collect_rankings(config, workdir, task_dir)
-    result = stages.run_stage(stage, config, workdir, task_dir)
+  for name in names:
+    if name == "rm":
+      stages.collect_rankings(task, config.seed, workdir, task_dir)
+    result = stages.run_stage(name, stage_configs[name], os.path.join(workdir, name))
     if result.get("preempted"):
       return result
-    if stage == "ppo" and config.pipeline.compare_no_ptx:
-      result = stages.run_stage("ppo_noptx", config, workdir, task_dir)
-      if result.get("preempted"):
-        return result
-  if target == "ppo" and config.pipeline.evaluate:
+  if target == "ppo" and task.evaluate:
     from rlhf_jax.pipeline import evaluation
-    result = dict(result, **evaluation.evaluate(config, workdir, task_dir))
+    result = dict(result, **evaluation.evaluate(task, config.seed, config.ppo.temperature,
+                                                workdir, task_dir))
   return result

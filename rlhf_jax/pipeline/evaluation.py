@@ -18,20 +18,20 @@ import os
 import jax
 import numpy as np
 
+from rlhf_jax import data, models, tasks
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.pipeline import generation, report
+from rlhf_jax.pipeline.settings import MAX_LEN, MAX_NEW_TOKENS, MAX_PROMPT_LEN
+
 log = logging.getLogger("rlhf_jax")
 
 
-def _rm_accuracy(config, workdir, task_dir, tokenizer) -> float:
+def _rm_accuracy(k: int, seed: int, workdir: str, task_dir: str, tokenizer) -> float:
   """Pairwise accuracy of the normalised RM against the oracle's noiseless ordering."""
-  from rlhf_jax import data, tasks
-  from rlhf_jax.trainers import rm as rm_lib, setup
-  from rlhf_jax.pipeline import stages
-  rm_dir = setup.resolve_model_dir(os.path.join(workdir, "rm"), "scalar")
-  from rlhf_jax import models
+  rm_dir = workdir_lib.resolve_model_dir(os.path.join(workdir, "rm"), "scalar")
   cfg, params = models.load_hf(rm_dir)
   spec = data.DataSpec(path=os.path.join(task_dir, "comparisons_eval.jsonl"))
-  rows = data.load_comparisons(spec, tokenizer, stages.MAX_PROMPT_LEN, stages.MAX_LEN,
-                               config.pipeline.k)
+  rows = data.load_comparisons(spec, tokenizer, MAX_PROMPT_LEN, MAX_LEN, k)
   a = rows.arrays
   n, k, t = a["input_ids"].shape
   fn = jax.jit(lambda p, i, m, l: models.scores(cfg, p, i, m, l))
@@ -39,7 +39,7 @@ def _rm_accuracy(config, workdir, task_dir, tokenizer) -> float:
                     a["attention_mask"].reshape(n * k, t),
                     a["last_index"].reshape(n * k))).reshape(n, k)
   # Oracle truth: the noiseless score of each (prompt, response) text.
-  oracle = tasks.Oracle(seed=config.seed)
+  oracle = tasks.Oracle(seed=seed)
   raw_rows = [json.loads(line) for line in open(spec.path)]
   correct = total = 0
   for i, row_idx in enumerate(rows.row_ids):
@@ -54,29 +54,33 @@ def _rm_accuracy(config, workdir, task_dir, tokenizer) -> float:
   return correct / max(total, 1)
 
 
-def evaluate(config, workdir: str, task_dir: str) -> dict:
-  from rlhf_jax import data, tasks
-  from rlhf_jax.pipeline import generation, report, stages
-  from rlhf_jax.trainers import setup
+
+def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: str) -> dict:
+  """The evaluation of a finished pipeline in `workdir` (see the module docstring).
+
+  Args:
+    settings: the `pipeline` block (`settings.task_settings`): `k`, `compare_no_ptx`.
+    seed: the run's seed (the oracle's and the samples').
+    temperature: the sampling temperature of PPO's rollouts, used here too.
+  """
   log.info("[eval] oracle win rates, RM accuracy, KL and alignment tax on held-out prompts")
-  tokenizer = setup.load_tokenizer(stages.stage_config("sft", config, workdir, task_dir), None)
-  oracle = tasks.Oracle(seed=config.seed)
+  tokenizer = workdir_lib.read_tokenizer(os.path.join(task_dir, "tokenizer"))
+  oracle = tasks.Oracle(seed=seed)
   prompts = data.load_prompts(data.DataSpec(path=os.path.join(task_dir, "prompts_eval.jsonl")),
-                              tokenizer, stages.MAX_PROMPT_LEN)
+                              tokenizer, MAX_PROMPT_LEN)
   ids, mask, texts = prompts.arrays["input_ids"], prompts.arrays["attention_mask"], prompts.texts
   corpus = data.load_text(data.DataSpec(path=os.path.join(task_dir, "pretrain_eval.jsonl")),
-                          tokenizer, stages.MAX_LEN, pack=True)
-  names = ["sft", "ppo"] + (["ppo_noptx"] if config.pipeline.compare_no_ptx else [])
+                          tokenizer, MAX_LEN, pack=True)
+  names = ["sft", "ppo"] + (["ppo_noptx"] if settings.compare_no_ptx else [])
   policies = {}
   for name in names:
     policies[name] = generation.load_policy(
-        setup.resolve_model_dir(os.path.join(workdir, name), "causal"))
-  temperature = config.ppo.temperature
-  key = jax.random.PRNGKey(config.seed + 12345)
+        workdir_lib.resolve_model_dir(os.path.join(workdir, name), "causal"))
+  key = jax.random.PRNGKey(seed + 12345)
   samples, scores, unsafe, pretrain_loss = {}, {}, {}, {}
   for name, (cfg, params) in policies.items():
     samples[name] = generation.generate_responses(
-        cfg, params, tokenizer, ids, mask, key, max_new_tokens=stages.MAX_NEW_TOKENS,
+        cfg, params, tokenizer, ids, mask, key, max_new_tokens=MAX_NEW_TOKENS,
         batch_size=64, temperature=temperature)
     scores[name] = [oracle.score(p, r, bool(f)) for p, r, f in
                     zip(texts, samples[name].texts, samples[name].has_eos)]
@@ -100,14 +104,14 @@ def evaluate(config, workdir: str, task_dir: str) -> dict:
   result = dict(
       oracle_win_rate=win_rate["ppo"],
       oracle_win_rate_no_ptx=win_rate.get("ppo_noptx"),
-      rm_accuracy=_rm_accuracy(config, workdir, task_dir, tokenizer),
+      rm_accuracy=_rm_accuracy(settings.k, seed, workdir, task_dir, tokenizer),
       kl_to_sft=kl["ppo"], kl_to_sft_no_ptx=kl.get("ppo_noptx"),
       pretrain_loss=pretrain_loss,
       alignment_tax={n: pretrain_loss[n] - pretrain_loss["sft"] for n in names[1:]},
       unsafe_rate=unsafe,
       oracle_score={n: float(np.mean(v)) for n, v in scores.items()},
       eos_rate={n: float(np.mean(samples[n].has_eos)) for n in names},
-      n_prompts=len(texts), temperature=temperature, seed=config.seed)
+      n_prompts=len(texts), temperature=temperature, seed=seed)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
@@ -120,14 +124,14 @@ def evaluate(config, workdir: str, task_dir: str) -> dict:
 def main(argv=None):
   import argparse
   from rlhf_jax import config as config_lib
+  from rlhf_jax.pipeline import settings
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  config = config_lib.ppo_config()
-  config.seed = args.seed
-  evaluate(config, args.workdir, os.path.join(args.workdir, "task_data"))
+  evaluate(settings.task_settings(), args.seed, config_lib.ppo_config().ppo.temperature,
+           args.workdir, os.path.join(args.workdir, "task_data"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from rlhf_jax import models, sampling
+from rlhf_jax import models, objectives, sampling
 
 
 @dataclasses.dataclass
@@ -55,9 +55,9 @@ def load_policy(model_dir: str):
 def sequence_logprob_sums(cfg, params, prompt_ids, prompt_mask, tokens, mask,
                           batch_size: int = 64, temperature: float = 1.0) -> np.ndarray:
   """Σ_t log π(y_t | x, y_<t) of given responses under a policy: [n]."""
-  from rlhf_jax.trainers.ppo_experience import response_logprobs
   p_len = prompt_ids.shape[1]
-  fn = jax.jit(lambda p, ids, m: response_logprobs(cfg, p, ids, m, p_len, temperature))
+  fn = jax.jit(lambda p, ids, m: objectives.response_logprobs(cfg, p, ids, m, p_len,
+                                                              temperature))
   sums = []
   for start in range(0, len(tokens), batch_size):
     ids = np.concatenate([prompt_ids[start:start + batch_size],
@@ -76,8 +76,7 @@ def sequence_logprob_sums(cfg, params, prompt_ids, prompt_mask, tokens, mask,
 def lm_loss(cfg, params, arrays: dict, batch_size: int = 64,
             max_batches: Optional[int] = None) -> float:
   """Token-level mean next-token NLL over `arrays` (input_ids / attention_mask / loss_mask)."""
-  from rlhf_jax.trainers.sft import lm_loss_and_count
-  fn = jax.jit(lambda p, b: lm_loss_and_count(cfg, p, b))
+  fn = jax.jit(lambda p, b: objectives.lm_loss_and_count(cfg, p, b))
   total = count = 0.0
   n = len(arrays["input_ids"])
   for b, start in enumerate(range(0, n - batch_size + 1, batch_size)):

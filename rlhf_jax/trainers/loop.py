@@ -20,9 +20,8 @@ import jax
 import numpy as np
 import tqdm
 
-from rlhf_jax import checkpoint, metrics
+from rlhf_jax import checkpoint, metrics, models
 from rlhf_jax.errors import DivergenceError
-from rlhf_jax.trainers import state as state_lib
 
 log = logging.getLogger("rlhf_jax")
 
@@ -88,6 +87,20 @@ def _has_final_eval(writer: metrics.MetricsWriter, stage: Stage) -> bool:
     return False
   return any(r.get("step") == stage.total_steps and any(k.startswith("eval/") for k in r)
              for r in metrics.read_metrics(writer.workdir, stage.name))
+
+
+def announce(stage: str, mesh, loaded: dict, batch: dict) -> None:
+  """One log line at a stage's start: mesh, where each model came from, the batch shape.
+
+  Args:
+    loaded: name -> `model_init.Model`.
+  """
+  parts = [f"[{stage}] mesh {dict(mesh.shape)} on {jax.device_count()} devices "
+           f"({jax.process_count()} processes)"]
+  parts += [f"{name}: {m.source} ({models.param_count(m.params) / 1e6:.2f}M params)"
+            for name, m in loaded.items()]
+  parts.append("batch " + ", ".join(f"{k}={v}" for k, v in batch.items()))
+  log.info("; ".join(parts))
 
 
 def run(stage: Stage, workdir: str, train_cfg) -> dict:

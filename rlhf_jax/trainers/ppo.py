@@ -9,23 +9,30 @@ KL coefficient is fixed or adaptive (Ziegler et al. 2019) and lives in the state
     python launch/train.py --config=configs/ppo.py --workdir=runs/ppo --config.task= \
         --config.model.init_from=runs/sft --config.ppo.reward_from=runs/rm \
         --config.data.train.path=prompts.jsonl --config.data.ptx.path=pretrain.jsonl
+
+`load_models` + `build` give the `Parts` (state, jitted functions per prompt-length bucket)
+that `iteration` runs; `train` adds the data, the host loop and the export. The benchmarks
+and the scale-out tests call `build` and `iteration` with models of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import losses, models, optim, sampling, sharding
-from rlhf_jax.trainers import batching, loop, setup
+from rlhf_jax import data, losses, objectives, optim, sampling, sharding
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import ppo_experience as experience_lib
 from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers.model_init import Model
 
 log = logging.getLogger("rlhf_jax")
 
@@ -38,23 +45,19 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
 
   def loss_fn(trainable, mb, ptx_mb):
     policy, value = trainable
-    logp, entropy = experience_lib.response_logprobs(
+    logp, entropy = objectives.response_logprobs(
         policy_cfg, policy, mb.input_ids, mb.attention_mask, prompt_len, temperature,
         with_entropy=True)
     pg_loss, pg_aux = losses.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages,
                                              mb.response_mask, ppo_cfg.clip_eps)
-    v = experience_lib.response_values(value_cfg, value, mb.input_ids, mb.attention_mask,
-                                       prompt_len)
+    v = objectives.response_values(value_cfg, value, mb.input_ids, mb.attention_mask,
+                                   prompt_len)
     v_loss, v_aux = losses.ppo_value_loss(v, mb.values, mb.returns, mb.response_mask,
                                           ppo_cfg.value_clip_eps)
     total = pg_loss + ppo_cfg.vf_coef * v_loss
     ptx_loss = jnp.zeros(())
     if use_ptx:
-      hidden = models.hidden_states(policy_cfg, policy, ptx_mb["input_ids"],
-                                    ptx_mb["attention_mask"])
-      ptx_loss = losses.sft_loss_from_hidden(
-          hidden[:, :-1], models.unembedding(policy_cfg, policy), ptx_mb["input_ids"][:, 1:],
-          ptx_mb["loss_mask"][:, 1:] * ptx_mb["attention_mask"][:, 1:])
+      ptx_loss, _ = objectives.lm_loss_and_count(policy_cfg, policy, ptx_mb)
       total = total + ppo_cfg.ptx_coef * ptx_loss
     metrics = dict(policy_loss=pg_loss, value_loss=v_loss, ptx_loss=ptx_loss,
                    policy_clip_frac=pg_aux["clip_frac"], value_clip_frac=v_aux["clip_frac"],
@@ -107,76 +110,93 @@ def make_kl_update_fn(ppo_cfg, batch_size: int):
   return fn
 
 
-def train(config, workdir: str) -> dict:
-  config_lib.validate(config)
-  if config.task == "default":
-    from rlhf_jax import pipeline
-    return pipeline.run_until("ppo", config, workdir)
-  return train_stage(config, workdir)
+@dataclasses.dataclass
+class Models:
+  """PPO's models: the SFT policy (the frozen reference and the trained copy's start), the
+  value model and the reward model with its normalisation."""
+  policy: Model
+  value: Model
+  reward: Model
+  normalization: dict
+  eos_id: Optional[int]       # a response without it gets `ppo.no_eos_penalty`
+  pad_id: int
+  stop_ids: tuple = ()        # the sampler stops a row at any of these (() = never)
 
 
-def _load_data(config, tokenizer):
-  from rlhf_jax import data
-  prompts = data.load_prompts(batching.spec_from_config(config.data.train), tokenizer,
-                              config.data.max_prompt_len)
-  log.info("[ppo] prompts: %s", prompts.report)
-  ptx = None
-  if config.ppo.ptx_coef > 0:
-    if not config.data.ptx.path:
-      from rlhf_jax.errors import ConfigError
-      raise ConfigError("data.ptx.path", "", "a plain-text dataset when ppo.ptx_coef > 0 "
-                        "(or set --config.ppo.ptx_coef=0 for plain PPO)")
-    ptx = data.load_text(batching.spec_from_config(config.data.ptx), tokenizer,
-                         config.data.max_len, pack=True)
-    log.info("[ppo] pretraining data: %s", ptx.report)
-  return prompts, ptx
-
-
-def train_stage(config, workdir: str) -> dict:
+def load_models(config, mesh, tokenizer) -> Models:
+  """The policy (`model.init_from`), reward (`ppo.reward_from`) and value
+  (`ppo.value_from`, default the reward model) models, placed on `mesh`."""
   p = config.ppo
-  mesh = setup.make_mesh(config)
-  batching.check_batch_split(mesh, config.train.batch_size)
-  if p.ptx_coef > 0:
-    batching.check_batch_split(mesh, p.minibatches * p.ptx_batch_size,
-                               "ppo.minibatches * ppo.ptx_batch_size")
   rules = state_lib.parse_rules(config.sharding_rules)
-  if not config.model.init_from or not p.reward_from:
-    from rlhf_jax.errors import ConfigError
-    raise ConfigError("model.init_from" if not config.model.init_from else "ppo.reward_from",
-                      "", "the SFT policy and the reward model (HF dirs or stage workdirs)")
-  policy_dir = setup.resolve_model_dir(config.model.init_from, "causal")
-  reward_dir = setup.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
+  reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
   value_from = p.value_from or p.reward_from
-  tokenizer = setup.load_tokenizer(config, policy_dir)
-  _check_tokenizers(config, tokenizer, reward_dir, value_from)
-  prompts, ptx = _load_data(config, tokenizer)
-
-  policy_cfg, ref, pol_shard, pol_src = setup.initial_model(
-      config, mesh, rules, "causal", config.model.init_from, tokenizer=tokenizer)
-  policy = jax.tree.map(jnp.copy, ref)   # the trained copy; `ref` stays the frozen SFT model
-  reward_cfg, reward, rew_shard, rew_src = setup.initial_model(
-      config, mesh, rules, "scalar", p.reward_from, tokenizer=tokenizer,
-      field="ppo.reward_from")
-  value_cfg, value, val_shard, val_src = setup.initial_model(
-      config, mesh, rules, "scalar", value_from, tokenizer=tokenizer, seed_offset=1,
-      field="ppo.value_from")
-  normalization = setup.read_rm_normalization(reward_dir)
+  policy = model_init.initial_model(config, mesh, rules, "causal", config.model.init_from,
+                                    tokenizer=tokenizer)
+  reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
+                                    tokenizer=tokenizer, field="ppo.reward_from")
+  value = model_init.initial_model(config, mesh, rules, "scalar", value_from,
+                                   tokenizer=tokenizer, seed_offset=1, field="ppo.value_from")
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  return Models(policy=policy, value=value, reward=reward,
+                normalization=workdir_lib.read_rm_normalization(reward_dir),
+                eos_id=eos_id, pad_id=pad_id, stop_ids=(eos_id,) if eos_id is not None else ())
 
-  total_steps = int(p.iterations)
-  policy_tx = optim.make_optimizer(config.optim, total_steps * p.epochs * p.minibatches)
-  value_tx = optim.make_optimizer(config.optim, total_steps * p.epochs * p.minibatches,
-                                  lr_scale=p.value_lr_scale)
+
+@dataclasses.dataclass
+class Parts:
+  """What one PPO iteration runs: the models, the state and the jitted functions."""
+  config: Any                 # the stage config (`ppo`, `train.batch_size`, `data`, `optim`)
+  mesh: Any
+  models: Models
+  use_ptx: bool
+  policy_tx: Any
+  value_tx: Any
+  shardings: dict
+  init_state: Callable        # () -> fresh state pytree (born sharded)
+  abstract_state: Callable    # () -> ShapeDtypeStructs with shardings (restore target)
+  kl_fn: Callable             # jitted (state, observed KL) -> state
+  response_buckets: tuple
+  _by_prompt_len: dict = dataclasses.field(default_factory=dict)
+
+  def fns(self, prompt_len: int):
+    """(experience fn, update fn) jitted for prompts of `prompt_len` tokens (one per bucket)."""
+    if prompt_len not in self._by_prompt_len:
+      m, p = self.models, self.config.ppo
+      self._by_prompt_len[prompt_len] = (
+          jax.jit(experience_lib.make_experience_fn(
+              m.policy.cfg, m.value.cfg, m.reward.cfg, p, m.normalization, m.eos_id,
+              prompt_len)),
+          jax.jit(make_update_fn(m.policy.cfg, m.value.cfg, p, self.policy_tx, self.value_tx,
+                                 prompt_len, use_ptx=self.use_ptx),
+                  in_shardings=(self.shardings, None, None, None),
+                  out_shardings=(self.shardings, None), donate_argnums=(0,)))
+    return self._by_prompt_len[prompt_len]
+
+
+def build(config, mesh, models: Models, use_ptx: bool) -> Parts:
+  """PPO's state (policy + value with their optimisers, the KL controller, EMA) and jitted
+  functions over `mesh`."""
+  p, B = config.ppo, config.train.batch_size
+  batching.check_batch_split(mesh, B)
+  if use_ptx:
+    batching.check_batch_split(mesh, p.minibatches * p.ptx_batch_size,
+                               "ppo.minibatches * ppo.ptx_batch_size")
+  if B % p.minibatches:
+    raise ConfigError("ppo.minibatches", p.minibatches, f"a divisor of train.batch_size={B}")
+  updates = int(p.iterations) * p.epochs * p.minibatches
+  policy_tx = optim.make_optimizer(config.optim, updates)
+  value_tx = optim.make_optimizer(config.optim, updates, lr_scale=p.value_lr_scale)
+  policy = jax.tree.map(jnp.copy, models.policy.params)  # the trained copy; the ref stays
   shardings, base_init, _ = state_lib.build(
-      mesh, config.seed, {"policy": (policy, pol_shard, policy_tx),
-                          "value": (value, val_shard, value_tx)})
+      mesh, config.seed, {"policy": (policy, models.policy.shardings, policy_tx),
+                          "value": (models.value.params, models.value.shardings, value_tx)})
   # A plain dict in the state (checkpoints as such); KLControllerState(**d) to update it.
   kl_init = losses.kl_controller_init(p.kl_controller, p.kl_coef, p.kl_target,
                                       p.kl_horizon)._asdict()
   shardings["kl_ctl"] = jax.tree.map(lambda _: sharding.replicated(mesh), kl_init)
   if p.ema_decay > 0:
-    shardings["ema"] = pol_shard
+    shardings["ema"] = models.policy.shardings
 
   def init_state():
     fresh = base_init()
@@ -188,104 +208,144 @@ def train_stage(config, workdir: str) -> dict:
   def abstract_state():
     return state_lib.abstract_with_shardings(jax.eval_shape(init_state), shardings)
 
-  B, P, N = config.train.batch_size, config.data.max_prompt_len, p.max_new_tokens
-  if B % p.minibatches:
-    from rlhf_jax.errors import ConfigError
-    raise ConfigError("ppo.minibatches", p.minibatches,
-                      f"a divisor of train.batch_size={B}")
-  jitted_for_prompt_len = {}
-
-  def jitted(prompt_len: int):
-    """(experience fn, update fn) for prompts of `prompt_len` tokens (one per length bucket)."""
-    if prompt_len not in jitted_for_prompt_len:
-      jitted_for_prompt_len[prompt_len] = (
-          jax.jit(experience_lib.make_experience_fn(
-              policy_cfg, value_cfg, reward_cfg, p, normalization, eos_id, prompt_len)),
-          jax.jit(make_update_fn(policy_cfg, value_cfg, p, policy_tx, value_tx, prompt_len,
-                                 use_ptx=ptx is not None),
-                  in_shardings=(shardings, None, None, None),
-                  out_shardings=(shardings, None), donate_argnums=(0,)))
-    return jitted_for_prompt_len[prompt_len]
-
   kl_fn = jax.jit(make_kl_update_fn(p, B), donate_argnums=(0,),
                   in_shardings=(shardings, None), out_shardings=shardings)
+  return Parts(config=config, mesh=mesh, models=models, use_ptx=use_ptx, policy_tx=policy_tx,
+               value_tx=value_tx, shardings=shardings, init_state=init_state,
+               abstract_state=abstract_state, kl_fn=kl_fn,
+               response_buckets=batching.response_buckets(config, p.max_new_tokens))
+
+
+def rollout(parts: Parts, policy, batch, key):
+  """Sampled responses to a global prompt batch, cut to the bucket of the longest one."""
+  p, m = parts.config.ppo, parts.models
+  out = sampling.generate(m.policy.cfg, policy, batch["input_ids"], batch["attention_mask"],
+                          key, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                          top_k=p.top_k, top_p=p.top_p,
+                          eos_id=m.stop_ids[0] if m.stop_ids else None, pad_id=m.pad_id)
+  return batching.cut_responses(out, parts.response_buckets)
+
+
+def iteration(parts: Parts, state, batch, ptx_batch, key):
+  """One PPO iteration on a global prompt batch: rollout, experience, update, KL step.
+
+  Args:
+    batch: global `input_ids` / `attention_mask` [B, P] (left padded).
+    ptx_batch: global pretraining batch [minibatches * ptx_batch_size, T], or None.
+    key: this iteration's PRNG key (rollout and minibatch order).
+
+  Returns:
+    (state, metrics): the experience and update metrics and each phase's wall time.
+  """
+  p = parts.config.ppo
+  t0 = time.perf_counter()
+  gen_key, perm_key = jax.random.split(key)
+  out = rollout(parts, state["policy"], batch, gen_key)
+  jax.block_until_ready(out.tokens)
+  t1 = time.perf_counter()
+  exp_fn, update_fn = parts.fns(batch["input_ids"].shape[1])
+  exp, metrics = exp_fn(state["policy"], parts.models.policy.params, state["value"],
+                        parts.models.reward.params, state["kl_ctl"]["kl_coef"],
+                        batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
+  jax.block_until_ready(exp)
+  t2 = time.perf_counter()
+  if ptx_batch is None:
+    ptx_batch = jnp.zeros((p.minibatches,))
+  state, train_metrics = update_fn(state, exp, ptx_batch, perm_key)
+  state = parts.kl_fn(state, metrics["kl"])
+  jax.block_until_ready(state["step"])
+  t3 = time.perf_counter()
+  metrics = dict(metrics, **train_metrics)
+  metrics.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                 tokens_per_sec=float(batch["input_ids"].shape[0] * p.max_new_tokens)
+                 / max(t1 - t0, 1e-9))
+  return state, metrics
+
+
+def evaluate(parts: Parts, state, batches, base_key) -> dict:
+  """Mean RM score and KL of the policy's samples on global eval prompt batches."""
+  scores, kls = [], []
+  for i, batch in enumerate(batches):
+    out = rollout(parts, state["policy"], batch, jax.random.fold_in(base_key, 10**6 + i))
+    exp_fn, _ = parts.fns(batch["input_ids"].shape[1])
+    _, m = exp_fn(state["policy"], parts.models.policy.params, state["value"],
+                  parts.models.reward.params, 0.0, batch["input_ids"],
+                  batch["attention_mask"], out.tokens, out.mask)
+    scores.append(float(m["score"]))
+    kls.append(float(m["kl"]))
+  return dict(score=float(np.mean(scores)), kl=float(np.mean(kls))) if scores else {}
+
+
+def load_data(config, tokenizer):
+  """Prompts (train, and eval when given) and, for PPO-ptx, packed pretraining text."""
+  p = config.ppo
+  prompts = data.load_prompts(batching.spec_from_config(config.data.train), tokenizer,
+                              config.data.max_prompt_len)
+  log.info("[ppo] prompts: %s", prompts.report)
+  eval_prompts = None
+  if config.data.eval.path:
+    eval_prompts = data.load_prompts(batching.spec_from_config(config.data.eval), tokenizer,
+                                     config.data.max_prompt_len)
+  ptx = None
+  if p.ptx_coef > 0:
+    if not config.data.ptx.path:
+      raise ConfigError("data.ptx.path", "", "a plain-text dataset when ppo.ptx_coef > 0 "
+                        "(or set --config.ppo.ptx_coef=0 for plain PPO)")
+    ptx = data.load_text(batching.spec_from_config(config.data.ptx), tokenizer,
+                         config.data.max_len, pack=True)
+    log.info("[ppo] pretraining data: %s", ptx.report)
+  return prompts, eval_prompts, ptx
+
+
+def train(config, workdir: str) -> dict:
+  """Runs PPO(-ptx) to completion; exports the policy (EMA when on) to `<workdir>/export`."""
+  p, B = config.ppo, config.train.batch_size
+  if not config.model.init_from or not p.reward_from:
+    raise ConfigError("model.init_from" if not config.model.init_from else "ppo.reward_from",
+                      "", "the SFT policy and the reward model (HF dirs or stage workdirs)")
+  mesh = model_init.make_mesh(config)
+  tokenizer = model_init.load_tokenizer(
+      config, workdir_lib.resolve_model_dir(config.model.init_from, "causal"))
+  _check_tokenizers(config, tokenizer)
+  prompts, eval_prompts, ptx = load_data(config, tokenizer)
+  parts = build(config, mesh, load_models(config, mesh, tokenizer), use_ptx=ptx is not None)
   # Prompts are left padded: cut to the prompt-length bucket of each batch; responses are
   # cut after the rollout to the bucket of the longest one (rows that stopped early).
-  prompt_bucketing = batching.length_bucketing(config, ("input_ids", "attention_mask"), side="left")
-  response_buckets = batching.response_buckets(config, N)
+  prompt_bucketing = batching.length_bucketing(config, ("input_ids", "attention_mask"),
+                                               side="left")
   prompt_it = batching.iterator(prompts.arrays, B, config.seed, prompt_bucketing)
   ptx_it = batching.iterator(ptx.arrays, p.minibatches * p.ptx_batch_size, config.seed + 1) \
       if ptx is not None else None
   base_key = jax.random.PRNGKey(config.seed)
 
-  def generate(policy_params, prompt_batch, key):
-    return sampling.generate(policy_cfg, policy_params, prompt_batch["input_ids"],
-                             prompt_batch["attention_mask"], key, max_new_tokens=N,
-                             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                             eos_id=eos_id, pad_id=pad_id)
-
   def step(state, index):
-    t0 = time.perf_counter()
-    gen_key, perm_key = jax.random.split(jax.random.fold_in(base_key, index))
     batch = sharding.host_to_global(mesh, next(prompt_it))
-    out = batching.cut_responses(generate(state["policy"], batch, gen_key), response_buckets)
-    jax.block_until_ready(out.tokens)
-    t1 = time.perf_counter()
-    kl_coef = state["kl_ctl"]["kl_coef"]
-    exp_fn, update_fn = jitted(batch["input_ids"].shape[1])
-    exp, metrics = exp_fn(state["policy"], ref, state["value"], reward, kl_coef,
-                          batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
-    jax.block_until_ready(exp)
-    t2 = time.perf_counter()
-    ptx_batch = sharding.host_to_global(mesh, next(ptx_it)) if ptx_it is not None \
-        else jnp.zeros((p.minibatches,))
-    state, train_metrics = update_fn(state, exp, ptx_batch, perm_key)
-    state = kl_fn(state, metrics["kl"])
-    jax.block_until_ready(state["step"])
-    t3 = time.perf_counter()
-    metrics = dict(metrics, **train_metrics)
+    ptx_batch = sharding.host_to_global(mesh, next(ptx_it)) if ptx_it is not None else None
+    state, metrics = iteration(parts, state, batch, ptx_batch,
+                               jax.random.fold_in(base_key, index))
     metrics.update(_warn_bounds(index, float(metrics["kl"]), float(metrics["score"]), p))
-    metrics.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
-                   tokens_per_sec=float(B * N) / max(t1 - t0, 1e-9))
     return state, metrics
 
-  eval_prompts = None
-  if config.data.eval.path:
-    from rlhf_jax import data
-    eval_prompts = data.load_prompts(batching.spec_from_config(config.data.eval), tokenizer,
-                                     config.data.max_prompt_len)
-
-  def evaluate(state):
+  def run_eval(state):
     if eval_prompts is None:
       return {}
-    scores, kls = [], []
-    for i, batch in enumerate(batching.eval_batches(eval_prompts.arrays, B,
-                                                    config.train.eval_batches,
-                                                    prompt_bucketing)):
-      batch = sharding.host_to_global(mesh, batch)
-      out = batching.cut_responses(
-          generate(state["policy"], batch, jax.random.fold_in(base_key, 10**6 + i)),
-          response_buckets)
-      exp_fn, _ = jitted(batch["input_ids"].shape[1])
-      _, m = exp_fn(state["policy"], ref, state["value"], reward, 0.0,
-                    batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
-      scores.append(float(m["score"]))
-      kls.append(float(m["kl"]))
-    return dict(score=float(np.mean(scores)), kl=float(np.mean(kls))) if scores else {}
+    return evaluate(parts, state, (sharding.host_to_global(mesh, b) for b in
+                                   batching.eval_batches(eval_prompts.arrays, B,
+                                                         config.train.eval_batches,
+                                                         prompt_bucketing)), base_key)
 
   def finish(state):
     final = state["ema"] if p.ema_decay > 0 else state["policy"]
-    out = setup.export(workdir, policy_cfg, final, tokenizer, "causal")
+    out = workdir_lib.export(workdir, parts.models.policy.cfg, final, tokenizer, "causal")
     log.info("[ppo] exported policy to %s", out)
 
-  setup.announce("ppo", mesh, {"policy": pol_src, "reward": rew_src, "value": val_src},
-                 {"policy": models.param_count(policy), "reward": models.param_count(reward),
-                  "value": models.param_count(value)},
-                 dict(rollout_batch=B, minibatches=p.minibatches, epochs=p.epochs,
-                      prompt_len=P, new_tokens=N, ptx_batch=p.ptx_batch_size if ptx else 0,
-                      iterations=total_steps))
-  stage = loop.Stage(name="ppo", total_steps=total_steps, init_state=init_state,
-                     abstract_state=abstract_state, step=step, evaluate=evaluate,
+  m = parts.models
+  loop.announce("ppo", mesh, {"policy": m.policy, "reward": m.reward, "value": m.value},
+                dict(rollout_batch=B, minibatches=p.minibatches, epochs=p.epochs,
+                     prompt_len=config.data.max_prompt_len, new_tokens=p.max_new_tokens,
+                     ptx_batch=p.ptx_batch_size if ptx else 0, iterations=int(p.iterations)))
+  stage = loop.Stage(name="ppo", total_steps=int(p.iterations), init_state=parts.init_state,
+                     abstract_state=parts.abstract_state, step=step, evaluate=run_eval,
                      data_state=lambda: dict(prompts=prompt_it.state(),
                                              ptx=ptx_it.state() if ptx_it else None),
                      restore_data_state=lambda d: _restore_iters(d, prompt_it, ptx_it),
@@ -293,23 +353,20 @@ def train_stage(config, workdir: str) -> dict:
   return loop.run(stage, workdir, config.train)
 
 
-def _check_tokenizers(config, tokenizer, reward_dir: str, value_from: str) -> None:
+def _check_tokenizers(config, tokenizer) -> None:
   """The RM (and value model) must read the policy's token ids: same tokenizer, or fail now."""
-  from rlhf_jax import data
-  checks = [("reward model", reward_dir)]
-  if value_from != config.ppo.reward_from:
+  p = config.ppo
+  checks = [("reward model",
+             workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from"))]
+  if p.value_from and p.value_from != p.reward_from:
     checks.append(("value model",
-                   setup.resolve_model_dir(value_from, "scalar", "ppo.value_from")))
+                   workdir_lib.resolve_model_dir(p.value_from, "scalar", "ppo.value_from")))
   for name, model_dir in checks:
-    if not any(os.path.isfile(os.path.join(model_dir, f))
-               for f in ("tokenizer_config.json", "tokenizer.json")):
+    if not workdir_lib.has_tokenizer(model_dir):
       log.warning("[ppo] no tokenizer saved next to the %s (%s): cannot check that it "
                   "matches the policy's", name, model_dir)
       continue
-    import transformers
-    other = transformers.AutoTokenizer.from_pretrained(model_dir)
-    if other.pad_token is None and other.eos_token is not None:
-      other.pad_token = other.eos_token
+    other = workdir_lib.read_tokenizer(model_dir)
     data.check_same_tokenizer(tokenizer, other, names=("policy", name))
 
 

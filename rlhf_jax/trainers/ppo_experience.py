@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models
+from rlhf_jax import losses, objectives
 
 
 class Experience(NamedTuple):
@@ -32,59 +32,24 @@ class Experience(NamedTuple):
   returns: jax.Array         # [B, N]
 
 
-def response_logprobs(cfg, params, input_ids, attention_mask, prompt_len: int,
-                      temperature: float, with_entropy: bool = False):
-  """log π(y_t) of each response token under softmax(logits / T), and optionally entropy.
-
-  Only the N positions that predict response tokens are unembedded: the final hidden states
-  are sliced before the [D, V] matmul, so neither the prompt positions' share of the LM
-  head's FLOPs nor a [B, P+N, V] float32 logits array is ever computed (XLA does not push
-  a slice of the logits back through the matmul). Same numerics as `models.logits`
-  (`transformer.Model.unembed`) on those positions.
-  """
-  hidden = models.hidden_states(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
-  logits = jnp.einsum("BTD,DV->BTV", hidden, models.unembedding(cfg, params),
-                      preferred_element_type=jnp.float32) / temperature
-  targets = input_ids[:, prompt_len:]
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-  if not with_entropy:
-    return logp
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return logp, entropy
-
-
-def response_values(cfg, params, input_ids, attention_mask, prompt_len: int):
-  """V(s_t): the value head read at the position before each response token.
-
-  The hidden states are sliced before the head (as `response_logprobs` does before the
-  unembedding). For a value-only gradient of a GPT-2-small minibatch on XLA:CPU, "head on all
-  positions, then slice" took 7.3 s against 4.9 s; in PPO's joint policy + value gradient the
-  two orders measured the same (docs/benchmarks.md). Same numbers either way.
-  """
-  hidden = models.hidden_states(cfg, params, input_ids, attention_mask)[:, prompt_len - 1:-1]
-  return models.head_values(cfg, params, hidden)
-
-
 def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization: dict,
                        eos_id: int, prompt_len: int):
   """Returns f(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens,
   response_mask) -> (Experience, metrics)."""
   temperature = float(ppo_cfg.temperature)
-  norm_scale = normalization["std"] if normalization.get("gain") else 1.0
 
   def fn(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens, response_mask):
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
     rmask = response_mask.astype(jnp.float32)
-    old_logp, entropy = response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
-                                          temperature, with_entropy=True)
-    ref_logp = response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
-    values = response_values(value_cfg, value, ids, mask, prompt_len) * rmask
+    old_logp, entropy = objectives.response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
+                                                     temperature, with_entropy=True)
+    ref_logp = objectives.response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
+    values = objectives.response_values(value_cfg, value, ids, mask, prompt_len) * rmask
     length = jnp.sum(response_mask, axis=1).astype(jnp.int32)
     last = prompt_len - 1 + length   # the last response token (the prompt's end if empty)
-    raw = models.scores(reward_cfg, reward, ids, mask, last)
-    score = (raw - normalization["mean"]) / norm_scale
+    score, raw = objectives.normalized_scores(reward_cfg, reward, ids, mask, last,
+                                              normalization)
     has_eos = jnp.any((tokens == eos_id) & (response_mask > 0), axis=1)
     score = jnp.where(has_eos, score, score - ppo_cfg.no_eos_penalty)
     rewards = losses.kl_penalized_rewards(score, old_logp, ref_logp, rmask, kl_coef,

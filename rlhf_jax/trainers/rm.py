@@ -8,7 +8,7 @@ gets one forward pass. Chosen/rejected data is the K = 2 case.
 After training the reward is normalised (InstructGPT §3.5: "a bias so that the labeler
 demonstrations achieve a mean score of 0"; optionally a gain to unit std as in Ziegler et al.
 2019): the constants are measured on demonstrations, written next to the exported RM in
-`reward_normalization.json`, and applied wherever the RM scores (`score_sequences`).
+`reward_normalization.json`, and applied wherever the RM scores (`objectives.normalized_scores`).
 
     python launch/train.py --config=configs/rm.py --workdir=runs/rm --config.task= \
         --config.model.init_from=runs/sft --config.data.train.path=comparisons.jsonl
@@ -16,27 +16,23 @@ demonstrations achieve a mean score of 0"; optionally a gain to unit std as in Z
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
+import jax.experimental.multihost_utils  # noqa: F401  (process_allgather below)
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import losses, models, sharding
-from rlhf_jax.trainers import batching, setup, single_model
+from rlhf_jax import data, losses, models, objectives, sharding
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import batching, single_model
 from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers.model_init import Model
 
 log = logging.getLogger("rlhf_jax")
 
-
-def rewards_bk(cfg, params, batch):
-  """Raw scalar rewards [B, K] of every response, read at its last token."""
-  b, k, t = batch["input_ids"].shape
-  flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
-  r = models.scores(cfg, params, flat(batch["input_ids"]), flat(batch["attention_mask"]),
-                    flat(batch["last_index"]))
-  return r.reshape(b, k)
+BUCKET_KEYS = ("input_ids", "attention_mask")
 
 
 def prompts_with_pairs(ranks, valid):
@@ -49,8 +45,8 @@ def make_train_step(cfg, tx, grad_accum: int):
   """Ranking-loss update; microbatches weighted by their share of prompts with a pair."""
 
   def micro_loss(params, micro, total_prompts):
-    loss, aux = losses.ranking_loss(rewards_bk(cfg, params, micro), micro["ranks"],
-                                    micro["valid"])
+    loss, aux = losses.ranking_loss(objectives.ranked_rewards(cfg, params, micro),
+                                    micro["ranks"], micro["valid"])
     n = prompts_with_pairs(micro["ranks"], micro["valid"])
     return loss * n / jnp.maximum(total_prompts, 1), aux["accuracy"] * n
 
@@ -77,18 +73,11 @@ def make_train_step(cfg, tx, grad_accum: int):
 
 def make_eval_step(cfg):
   def step(params, batch):
-    loss, aux = losses.ranking_loss(rewards_bk(cfg, params, batch), batch["ranks"],
-                                    batch["valid"])
+    loss, aux = losses.ranking_loss(objectives.ranked_rewards(cfg, params, batch),
+                                    batch["ranks"], batch["valid"])
     n = prompts_with_pairs(batch["ranks"], batch["valid"])
     return loss * n, aux["accuracy"] * n, n
   return step
-
-
-def score_sequences(cfg, params, input_ids, attention_mask, last_index, normalization):
-  """Normalised reward of each sequence at `last_index`: (r - mean) [/ std]."""
-  raw = models.scores(cfg, params, input_ids, attention_mask, last_index)
-  scale = normalization["std"] if normalization.get("gain") else 1.0
-  return (raw - normalization["mean"]) / scale
 
 
 def measure_normalization(cfg, params, mesh, arrays, batch_size: int, gain: bool) -> dict:
@@ -113,54 +102,56 @@ def measure_normalization(cfg, params, mesh, arrays, batch_size: int, gain: bool
               n=int(values.size))
 
 
+def load_data(config, tokenizer, split_cfg):
+  return data.load_comparisons(batching.spec_from_config(split_cfg), tokenizer,
+                               config.data.max_prompt_len, config.data.max_len, config.rm.k_max)
+
+
+def build(config, mesh, model: Model, total_steps: int) -> single_model.Parts:
+  """The RM state and jitted steps for `model` (bench/ and tests call this too)."""
+  return single_model.build(config, mesh, model, total_steps, make_train_step, make_eval_step)
+
+
+step = single_model.step   # (parts, state, host batch) -> (state, metrics)
+
+
+def export_with_normalization(config, parts: single_model.Parts, tokenizer, params,
+                              workdir: str) -> str:
+  """Measures the normalisation on `data.norm` and exports the RM with it."""
+  cfg = parts.model.cfg
+  norm = dict(mean=0.0, std=1.0, gain=False, n=0)
+  if config.rm.normalize != "none" and config.data.norm.path:
+    demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
+                          config.data.max_prompt_len, config.data.max_len)
+    norm = measure_normalization(cfg, params, parts.mesh, demos.arrays,
+                                 config.train.batch_size,
+                                 gain=config.rm.normalize == "bias_gain")
+    log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
+             norm["n"], norm["mean"], norm["std"])
+  # HF's `score` layer has no bias: fold ours into the normalisation's mean, so the exported
+  # model gives the same normalised rewards in transformers as here.
+  params = dict(params, head=dict(params["head"]))
+  bias = float(np.asarray(jax.device_get(params["head"]["bias"])).reshape(-1)[0])
+  params["head"]["bias"] = jnp.zeros_like(params["head"]["bias"])
+  norm = dict(norm, mean=norm["mean"] - bias)
+  return workdir_lib.export(workdir, cfg, params, tokenizer, "scalar", normalization=norm)
+
+
 def train(config, workdir: str) -> dict:
-  config_lib.validate(config)
-  if config.task == "default":
-    from rlhf_jax import pipeline
-    return pipeline.run_until("rm", config, workdir)
-  return train_stage(config, workdir)
+  """Trains the reward model; exports it with its normalisation to `<workdir>/export`."""
+  inputs, parts = single_model.start(config, "scalar", functools.partial(load_data, config),
+                                     build)
 
+  def finish(state):
+    out = export_with_normalization(config, parts, inputs.tokenizer, state["params"], workdir)
+    log.info("[rm] exported reward model to %s", out)
 
-def train_stage(config, workdir: str) -> dict:
-  from rlhf_jax import data
-  import jax.experimental.multihost_utils  # noqa: F401  (used by measure_normalization)
-
-  def load(tokenizer, spec_cfg):
-    return data.load_comparisons(batching.spec_from_config(spec_cfg), tokenizer,
-                                 config.data.max_prompt_len, config.data.max_len,
-                                 config.rm.k_max)
-  w = single_model.prepare(config, "scalar", load, make_train_step, make_eval_step,
-                           ("input_ids", "attention_mask"))
-  cfg, tokenizer = w.cfg, w.tokenizer
-
-  def evaluate(state):
-    sums = single_model.eval_sums(w, config, state["params"])
-    if sums is None:
-      return {}
+  def summarize(sums):
     loss, acc, count = sums
     return dict(loss=loss / max(count, 1.0), accuracy=acc / max(count, 1.0))
 
-  def finish(state):
-    norm = dict(mean=0.0, std=1.0, gain=False, n=0)
-    if config.rm.normalize != "none" and config.data.norm.path:
-      demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
-                            config.data.max_prompt_len, config.data.max_len)
-      norm = measure_normalization(cfg, state["params"], w.mesh, demos.arrays,
-                                   config.train.batch_size,
-                                   gain=config.rm.normalize == "bias_gain")
-      log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
-               norm["n"], norm["mean"], norm["std"])
-    # HF's `score` layer has no bias: fold ours into the normalisation's mean, so the exported
-    # model gives the same normalised rewards in transformers as here.
-    params = dict(state["params"], head=dict(state["params"]["head"]))
-    bias = float(np.asarray(jax.device_get(params["head"]["bias"])).reshape(-1)[0])
-    params["head"]["bias"] = jnp.zeros_like(params["head"]["bias"])
-    norm = dict(norm, mean=norm["mean"] - bias)
-    out = setup.export(workdir, cfg, params, tokenizer, "scalar", extra=norm)
-    log.info("[rm] exported reward model to %s", out)
-
   return single_model.run(
-      w, config, workdir, "reward_model", evaluate, finish,
+      parts, inputs, config, workdir, BUCKET_KEYS, summarize, finish, "reward_model",
       dict(global_batch=config.train.batch_size, k_max=config.rm.k_max,
            grad_accum=config.train.grad_accum, seq_len=config.data.max_len,
-           steps=w.total_steps, prompts=len(w.train_data.arrays["input_ids"])))
+           steps=parts.total_steps, prompts=inputs.n_rows))

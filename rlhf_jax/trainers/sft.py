@@ -10,31 +10,21 @@ step on plain text with every token in the loss.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models
-from rlhf_jax import config as config_lib
-from rlhf_jax.trainers import batching, setup, single_model
+from rlhf_jax import data, objectives
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import batching, single_model
 from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers.model_init import Model
 
 log = logging.getLogger("rlhf_jax")
 
-
-def lm_loss_and_count(cfg, params, batch):
-  """Masked next-token NLL (mean over loss tokens) and the number of loss tokens.
-
-  The loss is taken from the final hidden states chunk by chunk
-  (`losses.sft_loss_from_hidden`), so no [B, T, V] float32 logits are ever held.
-  """
-  hidden = models.hidden_states(cfg, params, batch["input_ids"], batch["attention_mask"])
-  targets = batch["input_ids"][:, 1:]
-  mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
-  loss = losses.sft_loss_from_hidden(hidden[:, :-1], models.unembedding(cfg, params),
-                                     targets, mask)
-  return loss, jnp.sum(mask)
+BUCKET_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
 def make_train_step(cfg, tx, grad_accum: int):
@@ -45,7 +35,7 @@ def make_train_step(cfg, tx, grad_accum: int):
   """
 
   def micro_loss(params, micro, total_tokens):
-    loss, count = lm_loss_and_count(cfg, params, micro)
+    loss, count = objectives.lm_loss_and_count(cfg, params, micro)
     return loss * count / jnp.maximum(total_tokens, 1), (loss, count)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -75,47 +65,39 @@ def _global_norm(tree):
 
 def make_eval_step(cfg):
   def step(params, batch):
-    loss, count = lm_loss_and_count(cfg, params, batch)
+    loss, count = objectives.lm_loss_and_count(cfg, params, batch)
     return loss * count, count
   return step
 
 
-def load_stage_data(config, tokenizer, split_cfg):
+def load_data(config, tokenizer, split_cfg):
   """SFT rows (prompt/completion or messages) or, for `pretrain`, packed plain text."""
-  from rlhf_jax import data
   spec = batching.spec_from_config(split_cfg)
   if config.stage == "pretrain":
     return data.load_text(spec, tokenizer, config.data.max_len, pack=True)
   return data.load_sft(spec, tokenizer, config.data.max_prompt_len, config.data.max_len)
 
 
+def build(config, mesh, model: Model, total_steps: int) -> single_model.Parts:
+  """The SFT state and jitted steps for `model` (bench/ and tests call this too)."""
+  return single_model.build(config, mesh, model, total_steps, make_train_step, make_eval_step)
+
+
+step = single_model.step   # (parts, state, host batch) -> (state, metrics)
+
+
 def train(config, workdir: str) -> dict:
   """Runs SFT (or pretraining) to completion; exports the policy to `<workdir>/export`."""
-  config_lib.validate(config)
-  if config.task == "default":
-    from rlhf_jax import pipeline
-    return pipeline.run_until(config.stage, config, workdir)
-  return train_stage(config, workdir)
-
-
-def train_stage(config, workdir: str) -> dict:
-  w = single_model.prepare(
-      config, "causal", lambda tok, split: load_stage_data(config, tok, split),
-      make_train_step, make_eval_step, ("input_ids", "attention_mask", "loss_mask"))
-
-  def evaluate(state):
-    sums = single_model.eval_sums(w, config, state["params"])
-    if sums is None:
-      return {}
-    total, count = sums
-    return dict(loss=total / max(count, 1.0))
+  inputs, parts = single_model.start(config, "causal", functools.partial(load_data, config),
+                                     build)
 
   def finish(state):
-    out = setup.export(workdir, w.cfg, state["params"], w.tokenizer, "causal")
+    out = workdir_lib.export(workdir, parts.model.cfg, state["params"], inputs.tokenizer,
+                             "causal")
     log.info("[%s] exported policy to %s", config.stage, out)
 
   return single_model.run(
-      w, config, workdir, "policy", evaluate, finish,
+      parts, inputs, config, workdir, BUCKET_KEYS,
+      lambda sums: dict(loss=sums[0] / max(sums[1], 1.0)), finish, "policy",
       dict(global_batch=config.train.batch_size, grad_accum=config.train.grad_accum,
-           seq_len=config.data.max_len, steps=w.total_steps,
-           examples=len(w.train_data.arrays["input_ids"])))
+           seq_len=config.data.max_len, steps=parts.total_steps, examples=inputs.n_rows))

@@ -1,9 +1,9 @@
-"""The wiring SFT (and pretraining) and the reward model share: one model, one optimiser.
+"""The parts SFT (and pretraining) and the reward model share: one model, one optimiser.
 
-Both stages load a tokenizer, train and eval data, build one model's state and jitted
-train / eval steps over the mesh, and hand the host loop a `loop.Stage`. Only the data
-loader, the step builders, what evaluation reports and what `finish` exports differ; those
-come in as arguments.
+`load_inputs` opens the mesh, tokenizer, train / eval data and the initial model; `build` turns a placed model into the state's shardings, its initial / abstract state and
+the jitted train and eval steps; the stage modules (`sft`, `rm`) pass in their step
+builders. `run` hands them to the host loop with the stage's data iterator, evaluation and
+export.
 """
 
 from __future__ import annotations
@@ -15,100 +15,135 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from rlhf_jax import models, optim, sharding
-from rlhf_jax.trainers import batching, loop, setup
+from rlhf_jax import optim, sharding
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers.model_init import Model
 
 log = logging.getLogger("rlhf_jax")
 
 
 @dataclasses.dataclass
-class Wiring:
-  """What a single-model stage built, for its own `evaluate` / `finish` closures."""
+class Inputs:
+  """What a single-model stage reads before it builds anything."""
   mesh: Any
   tokenizer: Any
-  cfg: Any
-  n_params: int          # parameters of the model (for the start-up announcement)
-  source: str            # where they came from
-  train_data: Any
-  eval_data: Optional[Any]
-  total_steps: int
-  init_state: Callable
-  abstract_state: Any
-  step_fn: Callable      # jitted (state, global batch) -> (state, metrics), state donated
-  eval_fn: Callable      # jitted (params, global batch) -> tuple of summable arrays
-  iterator: Any
-  bucketing: Any         # data.Bucketing of the train and eval batches, or None
+  model: Model
+  train_data: Any              # data.TokenArrays
+  eval_data: Optional[Any]     # data.TokenArrays, or None without data.eval.path
+
+  @property
+  def n_rows(self) -> int:
+    return len(self.train_data.arrays["input_ids"])
 
 
-def prepare(config, kind: str, load_data: Callable, make_train_step: Callable,
-            make_eval_step: Callable, bucket_keys: tuple) -> Wiring:
-  """Mesh, tokenizer, data, initial model, state and jitted steps of one stage.
+def load_inputs(config, kind: str, load_data: Callable) -> Inputs:
+  """Mesh, tokenizer, datasets and initial model of a stage (in that order).
 
   Args:
-    config: the stage's config.
     kind: "causal" (SFT / pretrain) or "scalar" (reward model).
     load_data: (tokenizer, split config) -> a loaded dataset with `.arrays` and `.report`.
-    make_train_step: (cfg, tx, grad_accum) -> step(state, batch) -> (state, metrics).
-    make_eval_step: cfg -> step(params, batch) -> tuple of arrays summed over eval batches.
-    bucket_keys: the (right-padded) arrays cut to a length bucket (`data.bucket_min_len`).
   """
-  mesh = setup.make_mesh(config)
+  mesh = model_init.make_mesh(config)
   batching.check_batch_split(mesh, config.train.batch_size)
   rules = state_lib.parse_rules(config.sharding_rules)
-  init_dir = setup.resolve_model_dir(config.model.init_from, kind) \
+  init_dir = workdir_lib.resolve_model_dir(config.model.init_from, kind) \
       if config.model.init_from else None
-  tokenizer = setup.load_tokenizer(config, init_dir)
+  tokenizer = model_init.load_tokenizer(config, init_dir)
   train_data = load_data(tokenizer, config.data.train)
   log.info("[%s] train data: %s", config.stage, train_data.report)
   eval_data = None
   if config.data.eval.path:
     eval_data = load_data(tokenizer, config.data.eval)
     log.info("[%s] eval data: %s", config.stage, eval_data.report)
+  model = model_init.initial_model(config, mesh, rules, kind, config.model.init_from,
+                                   tokenizer=tokenizer)
+  return Inputs(mesh, tokenizer, model, train_data, eval_data)
 
-  cfg, params, p_shard, source = setup.initial_model(
-      config, mesh, rules, kind, config.model.init_from, tokenizer=tokenizer)
-  n_examples = len(train_data.arrays["input_ids"])
-  total_steps = batching.total_steps(config.train, n_examples)
+
+@dataclasses.dataclass
+class Parts:
+  """What a single-model stage runs: its model, state and jitted steps."""
+  mesh: Any
+  model: Model
+  total_steps: int
+  shardings: dict
+  init_state: Callable         # () -> fresh state pytree (born sharded)
+  abstract_state: Callable     # () -> ShapeDtypeStructs with shardings (restore target)
+  step_fn: Callable            # jitted (state, global batch) -> (state, metrics), state donated
+  eval_fn: Callable            # jitted (params, global batch) -> tuple of summable arrays
+
+
+def start(config, kind: str, load_data: Callable, build_parts: Callable):
+  """(inputs, parts) of a stage: `load_inputs`, then its `build` for the data's steps."""
+  inputs = load_inputs(config, kind, load_data)
+  parts = build_parts(config, inputs.mesh, inputs.model,
+                      batching.total_steps(config.train, inputs.n_rows))
+  return inputs, parts
+
+
+def build(config, mesh, model: Model, total_steps: int, make_train_step: Callable,
+          make_eval_step: Callable) -> Parts:
+  """State and jitted steps of one model trained for `total_steps` updates.
+
+  Args:
+    make_train_step: (cfg, tx, grad_accum) -> step(state, batch) -> (state, metrics).
+    make_eval_step: cfg -> step(params, batch) -> tuple of arrays summed over eval batches.
+  """
+  batching.check_batch_split(mesh, config.train.batch_size)
   tx = optim.make_optimizer(config.optim, total_steps)
   shardings, init_state, abstract_state = state_lib.build(
-      mesh, config.seed, {"params": (params, p_shard, tx)})
+      mesh, config.seed, {"params": (model.params, model.shardings, tx)})
   batch_shard = sharding.batch_sharding(mesh, 1)
-  step_fn = jax.jit(make_train_step(cfg, tx, config.train.grad_accum),
+  step_fn = jax.jit(make_train_step(model.cfg, tx, config.train.grad_accum),
                     in_shardings=(shardings, batch_shard), out_shardings=(shardings, None),
                     donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_shard, batch_shard))
-  bucketing = batching.length_bucketing(config, bucket_keys)
-  it = batching.iterator(train_data.arrays, config.train.batch_size, config.seed, bucketing)
-  return Wiring(mesh=mesh, tokenizer=tokenizer, cfg=cfg,
-                n_params=models.param_count(params), source=source,
-                train_data=train_data, eval_data=eval_data, total_steps=total_steps,
-                init_state=init_state, abstract_state=abstract_state, step_fn=step_fn,
-                eval_fn=eval_fn, iterator=it, bucketing=bucketing)
+  eval_fn = jax.jit(make_eval_step(model.cfg), in_shardings=(model.shardings, batch_shard))
+  return Parts(mesh=mesh, model=model, total_steps=total_steps, shardings=shardings,
+               init_state=init_state, abstract_state=abstract_state, step_fn=step_fn,
+               eval_fn=eval_fn)
 
 
-def eval_sums(w: Wiring, config, params) -> Optional[np.ndarray]:
-  """Element-wise sums of `eval_fn`'s outputs over the eval batches (None: no eval data)."""
-  if w.eval_data is None:
-    return None
+def step(parts: Parts, state, batch):
+  """One update on this host's slice of a global batch."""
+  return parts.step_fn(state, sharding.host_to_global(parts.mesh, batch))
+
+
+def eval_sums(parts: Parts, params, batches) -> Optional[np.ndarray]:
+  """Element-wise sums of `eval_fn`'s outputs over host batches (None: no batches)."""
   total = None
-  for batch in batching.eval_batches(w.eval_data.arrays, config.train.batch_size,
-                                     config.train.eval_batches, w.bucketing):
-    out = np.asarray([float(x) for x in w.eval_fn(params, sharding.host_to_global(w.mesh, batch))])
+  for batch in batches:
+    out = np.asarray([float(x) for x in parts.eval_fn(
+        params, sharding.host_to_global(parts.mesh, batch))])
     total = out if total is None else total + out
   return total
 
 
-def run(w: Wiring, config, workdir: str, model_name: str, evaluate: Callable,
-        finish: Callable, batch_info: dict) -> dict:
-  """Announces the stage and runs the host loop to completion."""
-  def step(state, _):
-    return w.step_fn(state, sharding.host_to_global(w.mesh, next(w.iterator)))
+def run(parts: Parts, inputs: Inputs, config, workdir: str, bucket_keys: tuple,
+        summarize_eval: Callable, finish: Callable, model_name: str, batch_info: dict) -> dict:
+  """Announces the stage and runs the host loop to completion.
 
-  setup.announce(config.stage, w.mesh, {model_name: w.source},
-                 {model_name: w.n_params}, batch_info)
-  stage = loop.Stage(name=config.stage, total_steps=w.total_steps, init_state=w.init_state,
-                     abstract_state=w.abstract_state, step=step, evaluate=evaluate,
-                     data_state=w.iterator.state, restore_data_state=w.iterator.restore,
-                     finish=finish)
+  Args:
+    bucket_keys: the (right-padded) arrays cut to a length bucket (`data.bucket_min_len`).
+    summarize_eval: the summed `eval_fn` outputs -> eval metrics.
+    finish: (state) -> None, the export.
+  """
+  bucketing = batching.length_bucketing(config, bucket_keys)
+  iterator = batching.iterator(inputs.train_data.arrays, config.train.batch_size, config.seed,
+                               bucketing)
+
+  def evaluate(state):
+    if inputs.eval_data is None:
+      return {}
+    sums = eval_sums(parts, state["params"], batching.eval_batches(
+        inputs.eval_data.arrays, config.train.batch_size, config.train.eval_batches, bucketing))
+    return {} if sums is None else summarize_eval(sums)
+
+  loop.announce(config.stage, parts.mesh, {model_name: parts.model}, batch_info)
+  stage = loop.Stage(name=config.stage, total_steps=parts.total_steps,
+                     init_state=parts.init_state, abstract_state=parts.abstract_state,
+                     step=lambda state, _: step(parts, state, next(iterator)),
+                     evaluate=evaluate, data_state=iterator.state,
+                     restore_data_state=iterator.restore, finish=finish)
   return loop.run(stage, workdir, config.train)
