@@ -3,6 +3,8 @@
     out = sampling.generate(cfg, params, input_ids, attention_mask, rng, max_new_tokens=N,
                             temperature=1.0, top_k=0, top_p=1.0, eos_id=None, greedy=False)
     out.tokens, out.logprobs, out.mask            # [B, N] each
+    # chat models: stop on EOS or the template's end-of-turn token (e.g. <|im_end|>)
+    out = sampling.generate(..., eos_id=data.stop_ids(tokenizer))
 
 Shapes are static: the KV cache has length S = P + N for a prompt batch `[B, P]`, so one
 compilation serves every batch of a (B, P, N) bucket. The compiled function is cached by
@@ -43,7 +45,7 @@ class GenerateOutput(NamedTuple):
   """What `generate` returns; a pytree, each leaf `[B, max_new_tokens]`.
 
   Attributes:
-    tokens: int32 generated tokens; `pad_id` after a row's EOS.
+    tokens: int32 generated tokens; `pad_id` after a row's EOS (any of the stop ids).
     logprobs: float32 log-prob of each token under the sampling distribution; 0 where mask 0.
     mask: int32, 1 for generated tokens up to and including the EOS, 0 afterwards.
   """
@@ -239,7 +241,9 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
     temperature: > 0; logits are divided by it before filtering (and for `logprobs`).
     top_k: static int, 0 = off.
     top_p: nucleus mass in (0, 1], 1.0 = off.
-    eos_id: an id or a 1-D sequence of ids that end a row; None = never stop.
+    eos_id: an id, or a sequence of stop ids any of which ends a row (e.g.
+      `data.stop_ids(tokenizer)`: EOS plus a chat template's end-of-turn token); None =
+      never stop. The stop token itself is kept (mask 1).
     greedy: argmax instead of sampling (top_k / top_p ignored).
     pad_id: written after a row's EOS.
 
@@ -279,6 +283,10 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
                        "for every row); see sampling.pad_prompts")
   # EOS ids are traced and padded with -1 (never sampled) to a multiple of 4, so the common
   # cases (none, one, a few) share one compilation.
+  if isinstance(eos_id, (set, frozenset)) or (
+      not isinstance(eos_id, (type(None), numbers.Integral, jax.Array, np.ndarray))
+      and hasattr(eos_id, "__iter__")):
+    eos_id = [int(t) for t in eos_id]  # lists, tuples, sets, generators of ids
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_id is None else jnp.asarray(eos_id, jnp.int32)
   if eos_ids.ndim > 1:
     raise ValueError(f"generate: eos_id must be an id or a 1-D sequence of ids, got {eos_id!r}")

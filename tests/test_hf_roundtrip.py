@@ -200,7 +200,9 @@ def test_scalar_bias_kept_in_sidecar(tmp_path):
   assert float(params2["head"]["bias"][0]) == pytest.approx(0.5)
   hf_cfg = json.loads((tmp_path / "config.json").read_text())
   assert hf_cfg["architectures"] == ["LlamaForSequenceClassification"]
-  assert hf_cfg["pad_token_id"] == 2  # EOS stands in for the missing pad id
+  # No pad id and no spare embedding row: save_hf appends one for a pad id that is not EOS
+  # (tests/test_rm_export_index.py checks what transformers then reads).
+  assert hf_cfg["pad_token_id"] == 256 and hf_cfg["vocab_size"] == 257
 
 
 def test_unknown_architecture_is_clear(tmp_path):

@@ -36,7 +36,7 @@ FORMATS = ("json", "jsonl", "parquet", "csv", "hub")
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 # Column roles the loaders know; `DataSpec.columns` maps a role to the dataset's column name.
 ROLES = ("prompt", "completion", "messages", "chosen", "rejected", "responses", "ranks",
-         "text")
+         "finished", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class DataSpec:
     format: "json" | "jsonl" | "parquet" | "csv" | "hub", or None to infer from the path.
     columns: role -> column name, e.g. ``{"prompt": "question", "completion": "answer"}``;
       roles not given use their own name. Roles: prompt, completion, messages, chosen,
-      rejected, responses, ranks, text.
+      rejected, responses, ranks, finished, text.
     on_bad_row: "skip" (count and report bad rows) or "error" (raise `DataError` naming
       the first bad row).
     max_rows: read at most this many rows (the first ones), or None for all.

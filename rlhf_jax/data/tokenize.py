@@ -9,44 +9,67 @@ exact (and the same one the PPO sampler sees).
   load_sft(spec, tok, max_prompt_len, max_len)
       rows: prompt + completion, or chat ``messages`` (needs ``tokenizer.chat_template``:
       prompt = template of all messages but the last, with the generation prompt;
-      completion = the last, assistant, message's content).
+      completion = the last, assistant, message's content + the template's end-of-turn
+      text, `chat.closing_text`).
       input_ids / attention_mask / loss_mask [N, max_len], right padded;
-      sequence = [bos] + prompt + completion + eos; loss_mask = 1 on completion + eos.
+      sequence = [bos] + prompt + completion + eos (eos left out when the end-of-turn text
+      already holds it); loss_mask = 1 on completion + end-of-turn + eos.
   load_comparisons(spec, tok, max_prompt_len, max_len, k_max)
       rows: prompt + chosen + rejected (K = 2, ranks [0, 1]), or prompt + ``responses``
       (list) + ``ranks`` (ints, lower = better, ties allowed). Ranks are made dense
-      from 0 (ranks [3, 1, 1] -> [1, 0, 0]).
+      from 0 (ranks [3, 1, 1] -> [1, 0, 0]). Chat rows: ``messages`` (the prompt
+      conversation, not ending with an assistant turn) instead of prompt, rendered exactly as
+      `load_prompts` renders PPO prompts; each response is a string or an assistant message
+      ({role: assistant, content}, or a list of one) and is followed by the template's
+      end-of-turn text. Optional ``finished`` (a bool per response, [chosen, rejected] for
+      pairs): a response with finished=False was cut off and gets nothing appended.
       input_ids / attention_mask [N, k_max, max_len] (sequence = [bos] + prompt + response
-      + eos, right padded), last_index [N, k_max] (the eos position), ranks [N, k_max]
-      int32, valid [N, k_max] bool. Padding slots: pad ids, mask 0, last_index 0,
-      rank k_max, valid False.
+      + end, right padded; end = eos for plain rows, for chats the end-of-turn text up to
+      its first stop id (`chat.stop_ids`), nothing when unfinished), last_index [N, k_max]
+      (the last token: the token PPO scores after sampling that response), ranks
+      [N, k_max] int32, valid [N, k_max] bool. Padding slots: pad ids, mask 0,
+      last_index 0, rank k_max, valid False.
   load_prompts(spec, tok, max_prompt_len)
       rows: prompt, or ``messages`` (a trailing assistant turn is dropped; rendered with the
       generation prompt). input_ids / attention_mask [N, max_prompt_len], LEFT padded;
-      `.texts` holds the prompt strings (rendered template for chats).
+      `.texts` holds the prompt strings as tokenized (rendered template for chats).
   load_text(spec, tok, seq_len, pack=True)
       rows: text. Documents are [bos] + text + eos. pack=True: concatenated in row order and
       cut into [N, seq_len] chunks (the last one right padded; attention crosses document
       boundaries, as in GPT pretraining); pack=False: one document per row, right padded,
       longer ones are bad rows. input_ids / attention_mask / loss_mask (= attention_mask).
 
+Trailing whitespace of plain prompts: BPE tokenizers attach a space to the word after it
+("Answer: 42" -> "Answer", ":", " 42"), so a prompt ending in a space, tokenized on its
+own, ends in a lone space token that joint text never produces. The plain-row loaders move
+such whitespace to the start of the completion / each response, and `load_prompts` drops it
+(the policy samples it as the start of its reply, as SFT taught it); the number of prompts
+changed is `DataReport.notes["prompt_trailing_whitespace"]`, logged once per load. Chat
+prompts are left as the template renders them.
+
 All loaders take ``add_bos: bool | None = None`` (see `vocab`). Which columns hold which
 role is `DataSpec.columns`; with no explicit choice, a dataset is read as chat ``messages``
 when it has a messages column and no prompt column, and as ranked comparisons when it has a
-responses column and no chosen column.
+responses column and no chosen column. `TokenArrays.format` says which ("chat" / "plain").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import logging
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from rlhf_jax.data.sources import DataSpec, open_source
-from rlhf_jax.data.validate import (BadRow, DataError, DataReport, RowLedger, get_list,
-                                    get_messages, get_ranks, get_text, check_text)
+from rlhf_jax.data.validate import (BadRow, DataError, DataReport, RowLedger, check_text,
+                                    get_finished, get_list, get_messages,
+                                    get_prompt_messages, get_ranks, get_response, get_text,
+                                    get_value)
 from rlhf_jax.data.vocab import Encoder
+
+log = logging.getLogger("rlhf_jax")
+TRAILING_SPACE = "prompt_trailing_whitespace"  # the `DataReport.notes` key
 
 
 @dataclasses.dataclass
@@ -58,11 +81,20 @@ class TokenArrays:
     report: the `DataReport` (rows read, used, skipped by reason).
     texts: prompt strings (`load_prompts` only), aligned with the arrays.
     row_ids: [N] source row index of each example (None for packed text).
+    format: "chat" (rows were chat messages rendered with the tokenizer's chat template) or
+      "plain" (prompt / completion / response / text columns). Training a reward model on
+      plain rows for a policy fine-tuned on chats (or the reverse) scores text laid out
+      unlike anything PPO samples; compare the two datasets' formats.
   """
   arrays: dict
   report: DataReport
   texts: Optional[list] = None
   row_ids: Optional[np.ndarray] = None
+  format: str = "plain"
+
+  @property
+  def is_chat(self) -> bool:
+    return self.format == "chat"
 
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
@@ -78,6 +110,8 @@ class _Load:
     self.enc = Encoder(tokenizer, add_bos, spec.path)
     self.source = open_source(spec)
     self.ledger = RowLedger(spec.path, spec.on_bad_row, self.source.locate)
+    self.moved: set = set()  # rows whose prompt's trailing whitespace was moved
+    self.index = -1          # the row `parse` is reading
 
   def chat_mode(self, primary: str) -> bool:
     """Whether rows are read as `messages` instead of `primary` text."""
@@ -116,15 +150,35 @@ class _Load:
     """{row: fn(row)} over rows where `fn` does not raise `BadRow`."""
     parsed = {}
     for i, row in enumerate(self.source.rows):
+      self.index = i
       try:
         parsed[i] = fn(row)
       except BadRow as e:
         self.ledger.bad(i, e)
     return parsed
 
-  def finish(self, used: list, field: str) -> DataReport:
+  def move_space(self, prompt: str, rest: Sequence[str]) -> list:
+    """[prompt without trailing whitespace, *rest each prefixed with it] (module docstring).
+
+    Called from a `parse` function: the row is `self.index`.
+    """
+    stripped = prompt.rstrip()
+    if len(stripped) == len(prompt):
+      return [prompt, *rest]
+    self.moved.add(self.index)
+    space = prompt[len(stripped):]
+    return [stripped, *(space + r for r in rest)]
+
+  def finish(self, used: list, field: str,
+             moved: str = "moved it to the start of the completion") -> DataReport:
     report = self.ledger.finish(len(self.source.rows), len(used))
     report.raise_if_empty(field)
+    count = len(self.moved.intersection(used))
+    if count:
+      report.notes[TRAILING_SPACE] = count
+      log.warning("%s: %d of %d prompts ended in whitespace; %s, so that token ids match "
+                  "the tokenization of the joint text", self.spec.path, count, len(used),
+                  moved)
     return report
 
 
@@ -155,7 +209,7 @@ def load_sft(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_len: int,
     add_bos: BOS policy (see `vocab`).
 
   Returns:
-    `TokenArrays` with input_ids, attention_mask, loss_mask: int32 [N, max_len].
+    `TokenArrays` with input_ids, attention_mask, loss_mask: int32 [N, max_len]; `.format`.
 
   Raises:
     DataError: on a bad row with ``on_bad_row="error"``, or when no row is usable.
@@ -164,20 +218,21 @@ def load_sft(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_len: int,
       _positive("max_len", max_len)
   ld = _Load(spec, tokenizer, add_bos)
   chat = ld.chat_mode("prompt")
+  tail = ld.enc.tail(chat).sft
   col_p, col_c, col_m = (spec.column(r) for r in ("prompt", "completion", "messages"))
 
   def parse(row):
     if chat:
       msgs = get_messages(row, col_m, final_assistant=True)
       return [ld.enc.render_chat(msgs[:-1], col_m), msgs[-1]["content"]]
-    return [get_text(row, col_p), get_text(row, col_c)]
+    return ld.move_space(get_text(row, col_p), [get_text(row, col_c)])
 
   fields = [col_m, col_m] if chat else [col_p, col_c]
   encoded = ld.encode(ld.parse(parse), fields)
   used, seqs, prompt_lens = [], [], []
   for i, (p, c) in encoded.items():
     p = ld.enc.with_bos(p)
-    seq = p + c + [ld.enc.eos_id]
+    seq = p + c + tail
     if len(p) > max_prompt_len:
       ld.ledger.bad(i, BadRow("prompt_too_long", fields[0], f"at most {max_prompt_len} "
                               f"prompt tokens", f"{len(p)} tokens"))
@@ -192,11 +247,16 @@ def load_sft(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_len: int,
   for n, plen in enumerate(prompt_lens):
     loss_mask[n, :plen] = 0
   return TokenArrays(dict(input_ids=ids, attention_mask=mask, loss_mask=loss_mask), report,
-                     row_ids=np.asarray(used, np.int64))
+                     row_ids=np.asarray(used, np.int64), format=_format(chat))
+
+
+def _format(chat: bool) -> str:
+  return "chat" if chat else "plain"
 
 
 def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_len: int,
-                     k_max: int, add_bos: Optional[bool] = None) -> TokenArrays:
+                     k_max: int, add_bos: Optional[bool] = None,
+                     stop_ids: Optional[Sequence[int]] = None) -> TokenArrays:
   """Ranked responses for the reward model (see module docstring).
 
   Args:
@@ -206,16 +266,22 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
     max_len: sequence length T of each prompt + response + eos.
     k_max: the K dimension; rows with more responses are bad rows.
     add_bos: BOS policy (see `vocab`).
+    stop_ids: the ids PPO stops sampling on (`sampling.generate(eos_id=...)`); a chat
+      response ends at the first of them in its end-of-turn text + eos. None:
+      `data.stop_ids(tokenizer)`. Plain rows always end with eos.
 
   Returns:
     `TokenArrays` with input_ids, attention_mask [N, k_max, max_len] int32, last_index,
-    ranks [N, k_max] int32 and valid [N, k_max] bool.
+    ranks [N, k_max] int32 and valid [N, k_max] bool; `.format`.
   """
   max_prompt_len, max_len = _positive("max_prompt_len", max_prompt_len), \
       _positive("max_len", max_len)
   k_max = _positive("k_max", k_max, 2)
   ld = _Load(spec, tokenizer, add_bos)
-  col = {r: spec.column(r) for r in ("prompt", "chosen", "rejected", "responses", "ranks")}
+  chat = ld.chat_mode("prompt")
+  tail = ld.enc.tail(chat, stop_ids)
+  col = {r: spec.column(r) for r in ("prompt", "messages", "chosen", "rejected", "responses",
+                                     "ranks", "finished")}
   if any(r in spec.columns for r in ("responses", "ranks")):
     ranked = True
   elif any(r in spec.columns for r in ("chosen", "rejected")):
@@ -223,69 +289,91 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
   else:
     keys = ld.source.columns()
     ranked = col["chosen"] not in keys and col["responses"] in keys
+  prompt_field = col["messages"] if chat else col["prompt"]
+  read = get_response if chat else check_text
 
   def parse(row):
-    prompt = get_text(row, col["prompt"])
+    if chat:
+      prompt = ld.enc.render_chat(get_prompt_messages(row, prompt_field), prompt_field)
+    else:
+      prompt = get_text(row, prompt_field)
     if not ranked:
-      return [prompt, get_text(row, col["chosen"]), get_text(row, col["rejected"])], [0, 1]
-    responses = get_list(row, col["responses"])
-    ranks = get_ranks(row, col["ranks"])
-    if len(ranks) != len(responses):
-      raise BadRow("length_mismatch", col["ranks"], f"one rank per response "
-                   f"({len(responses)})", f"{len(ranks)} ranks")
-    if len(responses) < 2:
-      raise BadRow("too_few_responses", col["responses"], "at least 2 responses",
-                   f"{len(responses)}")
-    if len(responses) > k_max:
-      raise BadRow("too_many_responses", col["responses"], f"at most k_max={k_max} "
-                   "responses", f"{len(responses)}")
-    if len(set(ranks)) == 1:
-      raise BadRow("all_tied", col["ranks"], "ranks that are not all equal", ranks)
-    texts = [check_text(r, f"{col['responses']}[{j}]") for j, r in enumerate(responses)]
-    levels = {r: n for n, r in enumerate(sorted(set(ranks)))}
-    return [prompt] + texts, [levels[r] for r in ranks]
+      texts = [read(get_value(row, col[r]), col[r]) for r in ("chosen", "rejected")]
+      levels = [0, 1]
+    else:
+      texts, levels = _ranked(row, col, k_max, read)
+    finished = get_finished(row, col["finished"], len(texts))
+    if not chat:
+      prompt, *texts = ld.move_space(prompt, texts)
+    return [prompt] + texts, levels, finished
 
   parsed = ld.parse(parse)
-  rank_of = {i: v[1] for i, v in parsed.items()}
   resp_field = col["responses"] if ranked else col["chosen"]
-  encoded = ld.encode({i: v[0] for i, v in parsed.items()}, [col["prompt"], resp_field])
-  used, rows = [], []
+  encoded = ld.encode({i: v[0] for i, v in parsed.items()}, [prompt_field, resp_field])
+  used, rows_out = [], []
   for i, (p, *responses) in encoded.items():
     p = ld.enc.with_bos(p)
-    seqs = [p + r + [ld.enc.eos_id] for r in responses]
+    finished = parsed[i][2] or [True] * len(responses)
+    seqs = [p + r + tail.response(f) for r, f in zip(responses, finished)]
     longest = max(len(s) for s in seqs)
     if len(p) > max_prompt_len:
-      ld.ledger.bad(i, BadRow("prompt_too_long", col["prompt"], f"at most {max_prompt_len} "
+      ld.ledger.bad(i, BadRow("prompt_too_long", prompt_field, f"at most {max_prompt_len} "
                               "prompt tokens", f"{len(p)} tokens"))
     elif longest > max_len:
       ld.ledger.bad(i, BadRow("too_long", resp_field, f"prompt + response + eos within "
                               f"max_len={max_len} tokens", f"{longest} tokens"))
     else:
-      used.append(i), rows.append(seqs)
-  report = ld.finish(used, resp_field)
-  n = len(rows)
+      used.append(i), rows_out.append(seqs)
+  report = ld.finish(used, resp_field, "moved it to the start of each response")
+  n = len(rows_out)
   ids = np.full((n, k_max, max_len), ld.enc.pad_id, np.int32)
   mask = np.zeros((n, k_max, max_len), np.int32)
   last = np.zeros((n, k_max), np.int32)
   ranks = np.full((n, k_max), k_max, np.int32)
   valid = np.zeros((n, k_max), bool)
-  for b, (i, seqs) in enumerate(zip(used, rows)):
+  for b, (i, seqs) in enumerate(zip(used, rows_out)):
     for k, seq in enumerate(seqs):
       ids[b, k, :len(seq)] = seq
       mask[b, k, :len(seq)] = 1
       last[b, k] = len(seq) - 1
-    ranks[b, :len(seqs)] = rank_of[i]
+    ranks[b, :len(seqs)] = parsed[i][1]
     valid[b, :len(seqs)] = True
   return TokenArrays(dict(input_ids=ids, attention_mask=mask, last_index=last, ranks=ranks,
-                          valid=valid), report, row_ids=np.asarray(used, np.int64))
+                          valid=valid), report, row_ids=np.asarray(used, np.int64),
+                     format=_format(chat))
+
+
+def _ranked(row: Any, col: dict, k_max: int, read) -> tuple[list, list]:
+  """(response texts, dense ranks) of a ranked comparison row; `BadRow` if unusable."""
+  responses = get_list(row, col["responses"])
+  ranks = get_ranks(row, col["ranks"])
+  if len(ranks) != len(responses):
+    raise BadRow("length_mismatch", col["ranks"], f"one rank per response "
+                 f"({len(responses)})", f"{len(ranks)} ranks")
+  if len(responses) < 2:
+    raise BadRow("too_few_responses", col["responses"], "at least 2 responses",
+                 f"{len(responses)}")
+  if len(responses) > k_max:
+    raise BadRow("too_many_responses", col["responses"], f"at most k_max={k_max} "
+                 "responses", f"{len(responses)}")
+  if len(set(ranks)) == 1:
+    raise BadRow("all_tied", col["ranks"], "ranks that are not all equal", ranks)
+  texts = [read(r, f"{col['responses']}[{j}]") for j, r in enumerate(responses)]
+  levels = {r: n for n, r in enumerate(sorted(set(ranks)))}
+  return texts, [levels[r] for r in ranks]
 
 
 def load_prompts(spec: DataSpec, tokenizer: Any, max_prompt_len: int,
                  add_bos: Optional[bool] = None) -> TokenArrays:
   """Prompts for PPO rollouts and evaluation, LEFT padded (see module docstring).
 
+  A plain prompt's trailing whitespace is dropped: the reply is sampled right after the
+  prompt, and a tokenizer that attaches spaces to the next word would otherwise see a lone
+  space token that SFT never showed it (`load_sft` moved that space into the completion).
+
   Returns:
-    `TokenArrays` with input_ids, attention_mask: int32 [N, max_prompt_len]; `.texts`.
+    `TokenArrays` with input_ids, attention_mask: int32 [N, max_prompt_len]; `.texts`;
+    `.format`.
   """
   max_prompt_len = _positive("max_prompt_len", max_prompt_len)
   ld = _Load(spec, tokenizer, add_bos)
@@ -294,7 +382,7 @@ def load_prompts(spec: DataSpec, tokenizer: Any, max_prompt_len: int,
 
   def parse(row):
     if not chat:
-      return [get_text(row, field)]
+      return ld.move_space(get_text(row, field), [])
     msgs = get_messages(row, field, final_assistant=False)
     if msgs[-1]["role"] == "assistant":
       msgs = msgs[:-1]
@@ -312,7 +400,7 @@ def load_prompts(spec: DataSpec, tokenizer: Any, max_prompt_len: int,
                               "tokens", f"{len(p)} tokens"))
     else:
       used.append(i), seqs.append(p)
-  report = ld.finish(used, field)
+  report = ld.finish(used, field, "dropped it (the reply is sampled right after the prompt)")
   ids = np.full((len(seqs), max_prompt_len), ld.enc.pad_id, np.int32)
   mask = np.zeros((len(seqs), max_prompt_len), np.int32)
   for n, seq in enumerate(seqs):
@@ -320,7 +408,8 @@ def load_prompts(spec: DataSpec, tokenizer: Any, max_prompt_len: int,
       ids[n, -len(seq):] = seq
       mask[n, -len(seq):] = 1
   return TokenArrays(dict(input_ids=ids, attention_mask=mask), report,
-                     texts=[parsed[i][0] for i in used], row_ids=np.asarray(used, np.int64))
+                     texts=[parsed[i][0] for i in used], row_ids=np.asarray(used, np.int64),
+                     format=_format(chat))
 
 
 def load_text(spec: DataSpec, tokenizer: Any, seq_len: int, pack: bool = True,

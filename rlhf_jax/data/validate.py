@@ -21,6 +21,10 @@ Reasons (stable strings, the keys of `DataReport.skipped`):
   ``too_long``          prompt + response + eos > ``max_len`` (rows are never truncated).
   ``template_error``    the tokenizer's chat template failed on the messages.
   ``tokenizer_error``   the tokenizer failed on the text.
+
+Notes (`DataReport.notes`) count rows that were used but changed on the way, e.g.
+``prompt_trailing_whitespace``: prompts whose trailing whitespace was moved to the start of
+the completion / responses (or dropped, for PPO prompts); see `tokenize`.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class DataReport:
     skipped: reason -> number of rows skipped for it.
     examples: reason -> the first few (0-based) row indices skipped for it.
     messages: reason -> the full description of the first row skipped for it.
+    notes: what -> number of used rows changed in that way (see module docstring).
   """
   file: str
   n_rows: int = 0
@@ -96,6 +101,7 @@ class DataReport:
   skipped: dict = dataclasses.field(default_factory=dict)
   examples: dict = dataclasses.field(default_factory=dict)
   messages: dict = dataclasses.field(default_factory=dict)
+  notes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def n_skipped(self) -> int:
@@ -103,6 +109,8 @@ class DataReport:
 
   def __str__(self) -> str:
     text = f"{self.file}: {self.n_rows} rows read, {self.n_used} used"
+    if self.notes:
+      text += " (" + ", ".join(f"{what}: {n}" for what, n in sorted(self.notes.items())) + ")"
     if not self.skipped:
       return text + ", none skipped."
     parts = []
@@ -234,3 +242,50 @@ def get_messages(row: Any, column: str, final_assistant: Optional[bool]) -> list
                    "assistant turn (the prompt)", messages)
     check_text(clean[-1]["content"], column + "[-1].content")
   return clean
+
+
+def get_response(value: Any, field: str) -> str:
+  """An assistant reply: a string, a {role: assistant, content} dict, or a list of one.
+
+  Chat comparison rows may give each response as plain text or as the assistant message
+  itself (as chat datasets store it); either way the content text is returned.
+  """
+  if isinstance(value, np.ndarray):
+    value = value.tolist()
+  if isinstance(value, (list, tuple)):
+    if len(value) != 1:
+      raise BadRow("wrong_type", field, "a string, an assistant message, or a list of one "
+                   "assistant message", value)
+    value = value[0]
+  if isinstance(value, dict):
+    if value.get("role") != "assistant" or not isinstance(value.get("content"), str):
+      raise BadRow("wrong_type", field, "{'role': 'assistant', 'content': str}", value)
+    value = value["content"]
+  return check_text(value, field)
+
+
+def get_finished(row: Any, column: str, n: int) -> Optional[list[bool]]:
+  """The optional per-response ``finished`` flags: None when absent / null, else n bools.
+
+  A response with finished=False was cut off before its EOS (e.g. sampled up to the token
+  limit); the loaders give it no EOS, as PPO scores such a response at its last token.
+  """
+  if not isinstance(row, dict) or row.get(column) is None:
+    return None
+  flags = get_list(row, column)
+  for f in flags:
+    if not isinstance(f, (bool, np.bool_)):
+      raise BadRow("wrong_type", column, "a list of booleans (one per response)", flags)
+  if len(flags) != n:
+    raise BadRow("length_mismatch", column, f"one flag per response ({n})",
+                 f"{len(flags)} flags")
+  return [bool(f) for f in flags]
+
+
+def get_prompt_messages(row: Any, column: str) -> list[dict]:
+  """A chat prompt for comparisons: messages that do not end with an assistant turn."""
+  msgs = get_messages(row, column, final_assistant=False)
+  if msgs[-1]["role"] == "assistant":
+    raise BadRow("wrong_type", column, "a prompt conversation ending with a user turn (the "
+                 "responses are the assistant's reply)", msgs[-1]["role"])
+  return msgs

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+from rlhf_jax.data import chat
 from rlhf_jax.data.validate import BadRow, DataError, short_repr
 
 PROBE = "Hello, world! 123 héllo\n\tañ 日本 <|x|>"
@@ -72,6 +73,25 @@ class Encoder:
       return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
     ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     return [list(x) for x in ids]
+
+  def tail(self, use_chat: bool, stops: Optional[Sequence[int]] = None) -> chat.Tail:
+    """Ids after a reply: the template's closing (chat rows only) + EOS (see `chat.Tail`).
+
+    Args:
+      use_chat: rows are chats rendered with the template (plain rows: EOS only).
+      stops: where comparison responses end; None = `chat.stop_ids(tokenizer)`.
+    """
+    closing: list[int] = []
+    text = chat.closing_text(self.tokenizer) if use_chat else ""
+    if text:
+      ids = self.encode([text])[0]
+      if isinstance(ids, BadRow):
+        raise DataError(f"{self.file}: the tokenizer cannot encode its own chat template's "
+                        f"end-of-turn text {text!r}: {ids.got}")
+      closing = ids
+    if stops is None:
+      stops = chat.stop_ids(self.tokenizer)
+    return chat.Tail(closing, self.eos_id, stops)
 
   def render_chat(self, messages: list[dict], column: str,
                   add_generation_prompt: bool = True) -> str:

@@ -10,9 +10,31 @@ Scalar heads: HF's `score` layer has no bias. On export the head kernel becomes
 `score.weight` and the head bias is NOT representable, so it is kept in `rlhf_jax.json`
 (and restored by `load_hf`); transformers then reports scores minus that bias, and
 `save_hf` warns when the bias is non-zero. On import from plain HF the bias is 0.
-HF sequence classification reads the LAST NON-PAD token, found through `pad_token_id`
-(so the exported config always carries one: the model's pad id, else its EOS id); our
-`models.scores` instead reads whatever `index` it is given.
+
+Where a scalar model is read: transformers' *ForSequenceClassification (4.x and 5.x, e.g.
+`modeling_layers.GenericForSequenceClassification`, `GPT2ForSequenceClassification`) takes
+the score at the rightmost token whose id is not `config.pad_token_id`; the attention mask
+plays no part in that choice. Our reward model reads it at the EOS that ends each response
+(`data.load_comparisons`' `last_index`). With pad = EOS, as many tokenizers set it,
+transformers would read the token BEFORE that EOS. So `save_hf` writes, for scalar models,
+a `pad_token_id` that is never EOS and never a real input token:
+
+  * the model's own pad id when it differs from EOS (a pad token is never text);
+  * else the first id past the tokenizer's vocabulary, when `save_hf(tokenizer=...)` shows
+    the embedding has such unused rows (vocab sizes padded to a multiple of 64 or 128);
+  * else one zero row appended to the exported embedding (config vocab_size + 1) whose id
+    is the pad id: no tokenizer produces it. `rlhf_jax.json` records it, and `load_hf`
+    drops the row again, so our round trip is exact.
+
+Caveat for transformers users: pad batches with `model.config.pad_token_id` (right or left
+padding; also pass the attention mask), NOT with the tokenizer's pad token when that is EOS:
+
+    enc = tokenizer(texts, padding=True, return_tensors="pt")   # each text ends with EOS
+    enc["input_ids"][enc["attention_mask"] == 0] = model.config.pad_token_id
+    scores = model(**enc).logits[:, 0]
+
+A single unpadded sequence needs nothing. Our `models.scores` reads whatever `index` it is
+given.
 """
 
 from __future__ import annotations
@@ -56,6 +78,13 @@ def _same(path, shape=None, hf_shape=(-1,)):
   return ([path], lambda w: [w.reshape(shape)], lambda ks: ks[0].reshape(hf_shape))
 
 
+def _embed_name(cfg: ModelConfig) -> str:
+  """HF name of the token embedding."""
+  name = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight"}.get(cfg.family,
+                                                                   "embed_tokens.weight")
+  return _PREFIX[cfg.family] + name
+
+
 def _entries(cfg: ModelConfig, kind: str) -> list[Entry]:
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   fam = cfg.family
@@ -72,13 +101,9 @@ def _entries(cfg: ModelConfig, kind: str) -> list[Entry]:
 
   bb = ("backbone",)
   ln = cfg.norm_type == "layernorm"
+  add(_embed_name(cfg), _same(bb + ("embed", "embedding")))
   if fam == "gpt2":
-    add(pre + "wte.weight", _same(bb + ("embed", "embedding")))
     add(pre + "wpe.weight", _same(bb + ("pos_embed", "embedding")))
-  elif fam == "gpt_neox":
-    add(pre + "embed_in.weight", _same(bb + ("embed", "embedding")))
-  else:
-    add(pre + "embed_tokens.weight", _same(bb + ("embed", "embedding")))
   for i in range(cfg.num_layers):
     L = bb + (f"layer_{i}",)
     at = L + ("attn",)
@@ -227,12 +252,13 @@ def load_hf(path) -> tuple[ModelConfig, dict]:
     raise ValueError(f"{path}: not an HF checkpoint directory (no config.json)")
   hf = json.loads(config_file.read_text())
   cfg, kind = hf_config.from_hf_config(hf, str(config_file))
-  score_bias = 0.0
+  score_bias, pad_row = 0.0, False
   sidecar = path / SIDECAR
   if sidecar.exists():
     extra = json.loads(sidecar.read_text())
     cfg = ModelConfig.from_dict(extra["config"])
     score_bias = float(extra.get("score_bias", 0.0))
+    pad_row = bool(extra.get("score_pad_row", False))
   tensors = _Tensors(path)
   available = tensors.names()
   prefix = _PREFIX[cfg.family]
@@ -244,6 +270,8 @@ def load_hf(path) -> tuple[ModelConfig, dict]:
       raise ValueError(f"{tensors.where}: missing tensor {name!r} needed for "
                        f"{hf_config.ARCHITECTURES[(cfg.family, kind)]}")
     arrays = to_ours(tensors.get(stored))
+    if pad_row and name == _embed_name(cfg):
+      arrays = [arrays[0][:cfg.vocab_size]]  # the pad row save_hf appended (module docstring)
     for p, a in zip(paths, arrays):
       want = _get(abstract, p).shape
       if tuple(a.shape) != tuple(want):
@@ -261,26 +289,59 @@ def _transformers_major() -> int:
   return int(transformers.__version__.split(".")[0])
 
 
-def save_hf(cfg: ModelConfig, params: dict, out_dir) -> None:
+def _score_pad_id(cfg: ModelConfig, tokenizer, score_pad_id) -> tuple[int, bool]:
+  """(pad_token_id for a scalar export, whether it needs an appended embedding row).
+
+  See the module docstring: the id must differ from EOS and never occur in real inputs.
+  """
+  eos = cfg.eos_token_id
+  if score_pad_id is not None:
+    if isinstance(score_pad_id, bool) or not isinstance(score_pad_id, (int, np.integer)) \
+        or not 0 <= score_pad_id < cfg.vocab_size or score_pad_id == eos:
+      raise ValueError(f"save_hf: score_pad_id={score_pad_id!r}: expected an id in "
+                       f"[0, {cfg.vocab_size}) other than eos_token_id={eos}")
+    return int(score_pad_id), False
+  if cfg.pad_token_id is not None and cfg.pad_token_id != eos:
+    return int(cfg.pad_token_id), False
+  if tokenizer is not None and len(tokenizer) < cfg.vocab_size:
+    return len(tokenizer), False
+  return cfg.vocab_size, True
+
+
+def save_hf(cfg: ModelConfig, params: dict, out_dir, tokenizer=None,
+            score_pad_id=None) -> None:
   """Writes an HF checkpoint directory (config.json, model.safetensors, rlhf_jax.json).
 
   Causal params load with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`;
-  scalar params with `AutoModelForSequenceClassification` (num_labels=1). The directory is
-  written under a temporary name and renamed into place, so it is never half-written.
+  scalar params with `AutoModelForSequenceClassification` (num_labels=1), which then reads
+  its score at the same token as our reward model when batches are padded with
+  `config.pad_token_id` (module docstring). The directory is written under a temporary name
+  and renamed into place, so it is never half-written.
 
   Args:
     cfg: the architecture.
     params: causal or scalar params (kind inferred from the keys).
     out_dir: target directory (replaced if it exists).
+    tokenizer: optional, scalar models only: its length shows which embedding rows no token
+      uses, so one can serve as the pad id instead of appending a row.
+    score_pad_id: optional, scalar models only: the pad_token_id to write (an id in the
+      vocabulary, not EOS, that never occurs in inputs); overrides the choice above.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   kind = api.kind_of(params)
   out_dir = Path(out_dir)
-  hf_cfg = hf_config.to_hf_config(cfg, kind)
+  export_cfg, pad_row = cfg, False
+  if kind == "scalar":
+    pad, pad_row = _score_pad_id(cfg, tokenizer, score_pad_id)
+    export_cfg = cfg.replace(pad_token_id=pad, vocab_size=cfg.vocab_size + int(pad_row))
+  hf_cfg = hf_config.to_hf_config(export_cfg, kind)
   tensors = {}
   for name, paths, _, to_hf in _entries(cfg, kind):
     arrays = [np.asarray(_get(params, p), np.float32) for p in paths]
     tensors[name] = np.ascontiguousarray(to_hf(arrays))
+  if pad_row:  # a zero embedding row for the pad id (module docstring)
+    emb = tensors[_embed_name(cfg)]
+    tensors[_embed_name(cfg)] = np.concatenate([emb, np.zeros((1, emb.shape[1]), emb.dtype)])
   if cfg.family == "gpt_neox" and "lm_head.weight" in tensors and _transformers_major() < 5:
     tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # the 4.x name
   score_bias = 0.0
@@ -297,8 +358,10 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir) -> None:
   tmp.mkdir(parents=True)
   hf_cfg.save_pretrained(str(tmp))
   save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-  (tmp / SIDECAR).write_text(json.dumps(
-      {"config": cfg.to_dict(), "kind": kind, "score_bias": score_bias}, indent=2))
+  sidecar = {"config": cfg.to_dict(), "kind": kind, "score_bias": score_bias}
+  if kind == "scalar":
+    sidecar.update(score_pad_id=export_cfg.pad_token_id, score_pad_row=pad_row)
+  (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
   if out_dir.exists():
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(out_dir)

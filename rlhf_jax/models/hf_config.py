@@ -209,7 +209,8 @@ def to_hf_config(cfg: ModelConfig, kind: str):
              pad_token_id=cfg.pad_token_id)
   if kind == "scalar" and ids["pad_token_id"] is None:
     # HF sequence classification finds the last non-pad token through pad_token_id and
-    # refuses batches > 1 without one; EOS is the usual stand-in.
+    # refuses batches > 1 without one. `hf.save_hf` always passes an id distinct from EOS
+    # (see its module docstring); EOS here only serves direct callers of this function.
     ids["pad_token_id"] = cfg.eos_token_id
   common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings,
                 architectures=[arch], **ids)
