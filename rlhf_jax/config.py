@@ -118,6 +118,10 @@ def _check_spec(c, path: str, required: bool):
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value is not allowed."""
   _choice(c, "stage", STAGES)
+  for stage, block in (("rm", "rm"), ("ppo", "ppo")):
+    if c.stage == stage and block not in c:
+      raise ConfigError("stage", c.stage, f"the stage of this config file (it has no "
+                        f"`{block}` block: use configs/{stage}.py)")
   _choice(c, "task", ("default", ""))
   for axis in ("data", "fsdp", "tensor"):
     value = c.mesh[axis]
@@ -188,7 +192,7 @@ def ppo_config() -> ml_collections.ConfigDict:
       iterations=100,         # rollout + update rounds
       max_new_tokens=16,
       temperature=1.0,
-      top_k=0,
+      top_k=0,               # must stay 0 / 1.0: PPO samples from softmax(logits / temperature)
       top_p=1.0,
       epochs=1,               # InstructGPT: 1 PPO epoch per batch
       minibatches=4,
@@ -226,6 +230,11 @@ def validate_stage(c) -> None:
     if not isinstance(c.rm.k_max, int) or c.rm.k_max < 2:
       raise ConfigError("rm.k_max", c.rm.k_max, "an int >= 2")
     _choice(c, "rm.normalize", ("bias", "bias_gain", "none"))
+    if c.task == "" and c.rm.normalize != "none" and not c.data.norm.path:
+      raise ConfigError("data.norm.path", c.data.norm.path,
+                        "demonstrations (prompt/completion or chat rows) to measure the "
+                        f"reward normalisation rm.normalize={c.rm.normalize!r} on, or "
+                        "--config.rm.normalize=none")
   if c.stage == "ppo":
     p = c.ppo
     for f in ("iterations", "max_new_tokens", "temperature", "epochs", "minibatches",
@@ -236,6 +245,13 @@ def validate_stage(c) -> None:
       _positive(c, f"ppo.{f}", allow_zero=True)
     if not 0.0 < p.top_p <= 1.0:
       raise ConfigError("ppo.top_p", p.top_p, "a number in (0, 1]")
+    # PPO's ratio and KL are log-probs of softmax(logits / temperature): a rollout drawn from
+    # a top-k / top-p filtered distribution would make every update silently off-policy.
+    for f, off in (("top_k", 0), ("top_p", 1.0)):
+      if p[f] != off:
+        raise ConfigError(f"ppo.{f}", p[f], f"{off} in PPO: the ratio and the KL are "
+                          "computed on softmax(logits / ppo.temperature), the distribution "
+                          "the rollout must be drawn from (use ppo.temperature instead)")
     for f in ("gamma", "lam"):
       if not 0.0 <= p[f] <= 1.0:
         raise ConfigError(f"ppo.{f}", p[f], "a number in [0, 1]")

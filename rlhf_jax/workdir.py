@@ -86,7 +86,10 @@ def export(workdir: str, cfg, params, tokenizer, kind: str,
   out = os.path.join(workdir, "export", EXPORT_NAMES[kind])
   host_params = host_copy(params)
   if jax.process_index() == 0:
-    models.save_hf(cfg, host_params, out)
+    # A scalar model's config gets a pad id distinct from EOS (`models.save_hf`), so that
+    # transformers reads the score at the same token as here; the tokenizer shows which
+    # embedding rows are free.
+    models.save_hf(cfg, host_params, out, tokenizer=tokenizer if kind == "scalar" else None)
     if tokenizer is not None:
       tokenizer.save_pretrained(out)
     if normalization is not None:

@@ -26,6 +26,7 @@ class Model:
   params: Any         # pytree of global arrays
   shardings: Any      # NamedSharding tree, same structure as params
   source: str = ""    # where the weights came from (for the start-up log line)
+  fresh_head: bool = False   # a scalar model made from a causal LM: its head is new
 
 
 def make_mesh(config):
@@ -72,13 +73,15 @@ def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: i
     cfg, params = models.load_hf(model_dir)
     cfg = cfg.replace(dtype=dtype, remat=remat)
     loaded_kind = "scalar" if "head" in params else "causal"
-    if loaded_kind != kind:
+    fresh_head = loaded_kind != kind
+    if fresh_head:
       if kind == "scalar":
         params = models.causal_to_scalar(cfg, params,
                                          jax.random.PRNGKey(config.seed + seed_offset))
       else:
         raise ConfigError(field, init_from, "a causal LM (got a reward/value model)")
     model = place(mesh, rules, cfg, kind, jax.device_get(params), model_dir)
+    model.fresh_head = fresh_head
   else:
     try:
       cfg = models.get_preset(config.model.preset).replace(dtype=dtype, remat=remat)

@@ -28,7 +28,7 @@ import numpy as np
 
 from rlhf_jax import data, losses, objectives, optim, sampling, sharding
 from rlhf_jax import workdir as workdir_lib
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.errors import ConfigError, UserError
 from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import ppo_experience as experience_lib
 from rlhf_jax.trainers import state as state_lib
@@ -103,10 +103,18 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
 
 
 def make_kl_update_fn(ppo_cfg, batch_size: int):
+  """(state, observed KL) -> state with the KL controller stepped.
+
+  Runs after the update: when that update was skipped as non-finite (the guard counted a
+  consecutive skip) or the KL itself is not finite, β stays as it was, so one bad
+  iteration can't turn β into NaN and every later update into a skip.
+  """
   def fn(state, observed_kl):
     ctl = losses.KLControllerState(**state["kl_ctl"])
-    new = losses.kl_controller_update(ctl, observed_kl, batch_size)
-    return dict(state, kl_ctl=new._asdict())
+    new = losses.kl_controller_update(ctl, jnp.nan_to_num(observed_kl), batch_size)
+    applied = (state["consecutive_skips"] == 0) & jnp.isfinite(observed_kl)
+    kept = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, ctl)
+    return dict(state, kl_ctl=kept._asdict())
   return fn
 
 
@@ -118,9 +126,13 @@ class Models:
   value: Model
   reward: Model
   normalization: dict
-  eos_id: Optional[int]       # a response without it gets `ppo.no_eos_penalty`
+  eos_id: Optional[int]       # a response without it (or a stop id) gets `ppo.no_eos_penalty`
   pad_id: int
   stop_ids: tuple = ()        # the sampler stops a row at any of these (() = never)
+
+  def finish_ids(self):
+    """What counts as a finished response in the experience: the stop ids, else EOS."""
+    return list(self.stop_ids) if self.stop_ids else self.eos_id
 
 
 def load_models(config, mesh, tokenizer) -> Models:
@@ -128,19 +140,42 @@ def load_models(config, mesh, tokenizer) -> Models:
   (`ppo.value_from`, default the reward model) models, placed on `mesh`."""
   p = config.ppo
   rules = state_lib.parse_rules(config.sharding_rules)
+  policy_dir = workdir_lib.resolve_model_dir(config.model.init_from, "causal")
   reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
   value_from = p.value_from or p.reward_from
+  value_dir = workdir_lib.resolve_model_dir(value_from, "scalar", "ppo.value_from")
   policy = model_init.initial_model(config, mesh, rules, "causal", config.model.init_from,
                                     tokenizer=tokenizer)
   reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
                                     tokenizer=tokenizer, field="ppo.reward_from")
   value = model_init.initial_model(config, mesh, rules, "scalar", value_from,
                                    tokenizer=tokenizer, seed_offset=1, field="ppo.value_from")
+  if not value.fresh_head:   # started from a reward model: read in the rewards' units
+    value = in_reward_units(value, workdir_lib.read_rm_normalization(value_dir))
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
   return Models(policy=policy, value=value, reward=reward,
                 normalization=workdir_lib.read_rm_normalization(reward_dir),
-                eos_id=eos_id, pad_id=pad_id, stop_ids=(eos_id,) if eos_id is not None else ())
+                eos_id=eos_id, pad_id=pad_id,
+                stop_ids=tuple(data.stop_ids(tokenizer, policy_dir)))
+
+
+def in_reward_units(value: Model, normalization: dict) -> Model:
+  """A value model started from a reward model, in the units PPO's rewards are in.
+
+  InstructGPT initialises the value function from the RM. The rewards PPO sees are the
+  normalised scores (r - mean) / scale, so the value head is rescaled the same way:
+  kernel / scale and (bias - mean) / scale. At step 0, V at a response's last token then
+  equals that response's normalised score; without it, V would be off by the bias (and the
+  gain), and with γ = 1 every advantage would carry a position-dependent offset.
+  """
+  scale = normalization["std"] if normalization.get("gain") else 1.0
+  head = value.params["head"]
+  new_head = dict(head, kernel=head["kernel"] / scale,
+                  bias=(head["bias"] - normalization["mean"]) / scale)
+  new_head = jax.tree.map(lambda x, sh: jax.device_put(x, sh), new_head,
+                          value.shardings["head"])
+  return dataclasses.replace(value, params=dict(value.params, head=new_head))
 
 
 @dataclasses.dataclass
@@ -165,7 +200,7 @@ class Parts:
       m, p = self.models, self.config.ppo
       self._by_prompt_len[prompt_len] = (
           jax.jit(experience_lib.make_experience_fn(
-              m.policy.cfg, m.value.cfg, m.reward.cfg, p, m.normalization, m.eos_id,
+              m.policy.cfg, m.value.cfg, m.reward.cfg, p, m.normalization, m.finish_ids(),
               prompt_len)),
           jax.jit(make_update_fn(m.policy.cfg, m.value.cfg, p, self.policy_tx, self.value_tx,
                                  prompt_len, use_ptx=self.use_ptx),
@@ -221,8 +256,7 @@ def rollout(parts: Parts, policy, batch, key):
   p, m = parts.config.ppo, parts.models
   out = sampling.generate(m.policy.cfg, policy, batch["input_ids"], batch["attention_mask"],
                           key, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                          top_k=p.top_k, top_p=p.top_p,
-                          eos_id=m.stop_ids[0] if m.stop_ids else None, pad_id=m.pad_id)
+                          eos_id=list(m.stop_ids) or None, pad_id=m.pad_id)
   return batching.cut_responses(out, parts.response_buckets)
 
 
@@ -257,23 +291,43 @@ def iteration(parts: Parts, state, batch, ptx_batch, key):
   t3 = time.perf_counter()
   metrics = dict(metrics, **train_metrics)
   metrics.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
-                 tokens_per_sec=float(batch["input_ids"].shape[0] * p.max_new_tokens)
-                 / max(t1 - t0, 1e-9))
+                 tokens_per_sec=float(_generated(out.mask)) / max(t1 - t0, 1e-9))
   return state, metrics
 
 
+@jax.jit
+def _generated(mask):
+  return jnp.sum(mask)
+
+
+def exported_policy(parts: Parts, state):
+  """The policy `train` exports: the EMA of the policy when `ppo.ema_decay` > 0."""
+  return state["ema"] if parts.config.ppo.ema_decay > 0 else state["policy"]
+
+
 def evaluate(parts: Parts, state, batches, base_key) -> dict:
-  """Mean RM score and KL of the policy's samples on global eval prompt batches."""
-  scores, kls = [], []
-  for i, batch in enumerate(batches):
-    out = rollout(parts, state["policy"], batch, jax.random.fold_in(base_key, 10**6 + i))
-    exp_fn, _ = parts.fns(batch["input_ids"].shape[1])
-    _, m = exp_fn(state["policy"], parts.models.policy.params, state["value"],
-                  parts.models.reward.params, 0.0, batch["input_ids"],
-                  batch["attention_mask"], out.tokens, out.mask)
-    scores.append(float(m["score"]))
-    kls.append(float(m["kl"]))
-  return dict(score=float(np.mean(scores)), kl=float(np.mean(kls))) if scores else {}
+  """Mean RM score and KL to the reference of the exported policy's samples on global eval
+  prompt batches; with an EMA, the raw policy's too (`raw_policy_score`, `raw_policy_kl`)."""
+  batches = list(batches)
+  policies = {"": exported_policy(parts, state)}
+  if parts.config.ppo.ema_decay > 0:
+    policies["raw_policy_"] = state["policy"]
+  zero_beta = jnp.zeros_like(state["kl_ctl"]["kl_coef"])   # same signature as training's β
+  out_metrics = {}
+  for prefix, policy in policies.items():
+    scores, kls = [], []
+    for i, batch in enumerate(batches):
+      out = rollout(parts, policy, batch, jax.random.fold_in(base_key, 10**6 + i))
+      exp_fn, _ = parts.fns(batch["input_ids"].shape[1])
+      _, m = exp_fn(policy, parts.models.policy.params, state["value"],
+                    parts.models.reward.params, zero_beta, batch["input_ids"],
+                    batch["attention_mask"], out.tokens, out.mask)
+      scores.append(float(m["score"]))
+      kls.append(float(m["kl"]))
+    if scores:
+      out_metrics.update({f"{prefix}score": float(np.mean(scores)),
+                          f"{prefix}kl": float(np.mean(kls))})
+  return out_metrics
 
 
 def load_data(config, tokenizer):
@@ -309,6 +363,7 @@ def train(config, workdir: str) -> dict:
   _check_tokenizers(config, tokenizer)
   prompts, eval_prompts, ptx = load_data(config, tokenizer)
   parts = build(config, mesh, load_models(config, mesh, tokenizer), use_ptx=ptx is not None)
+  _check_format(config, prompts, parts.models.normalization)
   # Prompts are left padded: cut to the prompt-length bucket of each batch; responses are
   # cut after the rollout to the bucket of the longest one (rows that stopped early).
   prompt_bucketing = batching.length_bucketing(config, ("input_ids", "attention_mask"),
@@ -335,8 +390,8 @@ def train(config, workdir: str) -> dict:
                                                          prompt_bucketing)), base_key)
 
   def finish(state):
-    final = state["ema"] if p.ema_decay > 0 else state["policy"]
-    out = workdir_lib.export(workdir, parts.models.policy.cfg, final, tokenizer, "causal")
+    out = workdir_lib.export(workdir, parts.models.policy.cfg, exported_policy(parts, state),
+                             tokenizer, "causal")
     log.info("[ppo] exported policy to %s", out)
 
   m = parts.models
@@ -368,6 +423,16 @@ def _check_tokenizers(config, tokenizer) -> None:
       continue
     other = workdir_lib.read_tokenizer(model_dir)
     data.check_same_tokenizer(tokenizer, other, names=("policy", name))
+
+
+def _check_format(config, prompts, normalization: dict) -> None:
+  """The RM must score what PPO samples: chat prompts for a chat-trained RM, plain for plain."""
+  trained_on = normalization.get("format")
+  if trained_on and trained_on != prompts.format:
+    raise UserError(f"data.train.path={config.data.train.path} holds {prompts.format} prompts "
+                    f"but the reward model ppo.reward_from={config.ppo.reward_from} was trained "
+                    f"on {trained_on} rows: it would score text in a format it never saw — use "
+                    "one format for every stage")
 
 
 def _warn_bounds(index: int, kl: float, score: float, p) -> dict:

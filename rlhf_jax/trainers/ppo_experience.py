@@ -5,7 +5,7 @@ For prompts x (left padded, length P) and sampled responses y (right padded, len
   ref log-probs   log π_SFT(y_t | ...)       (frozen SFT model, same temperature)
   values          V(x, y_<t)                 (value model, read before each response token)
   score           r_θ(x, y) at the last response token, normalised; minus a penalty when the
-                  response never emitted EOS
+                  response never emitted a stop id (EOS or the chat end-of-turn)
   rewards         −β·KL per token + score at the last token   (InstructGPT eq. 2)
   advantages      GAE(γ, λ), whitened over valid tokens; returns = advantages + values
 All of it is one jitted function of the models' params and the sampled tokens.
@@ -33,10 +33,17 @@ class Experience(NamedTuple):
 
 
 def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization: dict,
-                       eos_id: int, prompt_len: int):
+                       eos_id, prompt_len: int):
   """Returns f(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens,
-  response_mask) -> (Experience, metrics)."""
+  response_mask) -> (Experience, metrics).
+
+  `eos_id` is the stop id, or a list of them (`data.stop_ids`): a response without any of
+  them among its valid tokens gets `ppo_cfg.no_eos_penalty`.
+  """
   temperature = float(ppo_cfg.temperature)
+  # A response "finished" when it holds any stop id (EOS, or a chat template's end of turn).
+  stops = jnp.asarray(list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id],
+                      jnp.int32)
 
   def fn(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens, response_mask):
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
@@ -50,7 +57,7 @@ def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization
     last = prompt_len - 1 + length   # the last response token (the prompt's end if empty)
     score, raw = objectives.normalized_scores(reward_cfg, reward, ids, mask, last,
                                               normalization)
-    has_eos = jnp.any((tokens == eos_id) & (response_mask > 0), axis=1)
+    has_eos = jnp.any(jnp.isin(tokens, stops) & (response_mask > 0), axis=1)
     score = jnp.where(has_eos, score, score - ppo_cfg.no_eos_penalty)
     rewards = losses.kl_penalized_rewards(score, old_logp, ref_logp, rmask, kl_coef,
                                           kind=ppo_cfg.kl_kind)

@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax import data, losses, models, objectives, sharding
 from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.errors import UserError
 from rlhf_jax.trainers import batching, single_model
 from rlhf_jax.trainers import state as state_lib
 from rlhf_jax.trainers.model_init import Model
@@ -80,31 +81,75 @@ def make_eval_step(cfg):
   return step
 
 
-def measure_normalization(cfg, params, mesh, arrays, batch_size: int, gain: bool) -> dict:
-  """Mean (and std) of raw rewards on demonstrations (prompt + completion + eos)."""
+def score_index(arrays: dict, stop_ids) -> np.ndarray:
+  """Where the RM reads each demonstration [N]: its first stop id among the completion
+  tokens — where PPO's rollout stops and where the comparison rows end (`data.stop_ids`:
+  EOS, or a chat template's end of turn) — else its last token."""
+  mask = arrays["attention_mask"].astype(bool)
+  is_stop = np.isin(arrays["input_ids"], np.asarray(list(stop_ids))) & mask & \
+      arrays["loss_mask"].astype(bool)
+  last = mask.sum(-1) - 1
+  return np.where(is_stop.any(-1), is_stop.argmax(-1), last).astype(np.int32)
+
+
+def measure_normalization(cfg, params, mesh, arrays, batch_size: int, gain: bool,
+                          stop_ids) -> dict:
+  """Mean (and std) of raw rewards over every demonstration, read at `score_index`.
+
+  The last global batch is padded with copies of the last row, and the copies' scores are
+  dropped, so no demonstration is left out.
+  """
   fn = jax.jit(lambda p, ids, m, idx: models.scores(cfg, p, ids, m, idx))
   n = len(arrays["input_ids"])
+  index = score_index(arrays, stop_ids)
   per_host = batch_size // jax.process_count()
   scores = []
-  for start in range(0, n - n % batch_size, batch_size):
-    lo = start + jax.process_index() * per_host
-    ids = arrays["input_ids"][lo:lo + per_host]
-    mask = arrays["attention_mask"][lo:lo + per_host]
-    last = (mask.sum(-1) - 1).astype(np.int32)
-    batch = sharding.host_to_global(mesh, dict(ids=ids, mask=mask, last=last))
-    scores.append(np.asarray(jax.device_get(
-        jax.experimental.multihost_utils.process_allgather(
-            fn(params, batch["ids"], batch["mask"], batch["last"]), tiled=True))))
-  values = np.concatenate(scores) if scores else np.zeros((0,))
-  if values.size == 0:
-    return dict(mean=0.0, std=1.0, gain=False, n=0)
+  for start in range(0, n, batch_size):
+    rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+    rows = rows[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
+    batch = sharding.host_to_global(mesh, dict(ids=arrays["input_ids"][rows],
+                                               mask=arrays["attention_mask"][rows],
+                                               last=index[rows]))
+    got = np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(
+        fn(params, batch["ids"], batch["mask"], batch["last"]), tiled=True)))
+    scores.append(got[:min(batch_size, n - start)])
+  values = np.concatenate(scores)
   return dict(mean=float(values.mean()), std=float(values.std() + 1e-8), gain=bool(gain),
               n=int(values.size))
 
 
+def load_demonstrations(config, tokenizer, train_data):
+  """The `data.norm` demonstrations the normalisation is measured on (None: `rm.normalize`
+  is 'none'); same chat / plain format as the comparisons, or a clear error."""
+  if config.rm.normalize == "none":
+    return None
+  demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
+                        config.data.max_prompt_len, config.data.max_len)
+  log.info("[rm] normalisation data: %s", demos.report)
+  if len(demos.arrays["input_ids"]) < 2:
+    raise UserError(f"data.norm.path={config.data.norm.path}: "
+                    f"{len(demos.arrays['input_ids'])} usable demonstrations; the reward "
+                    "normalisation needs at least 2 (or set --config.rm.normalize=none)")
+  if demos.format != train_data.format:
+    raise UserError(f"data.norm.path={config.data.norm.path} holds {demos.format} rows but "
+                    f"data.train.path={config.data.train.path} holds {train_data.format} "
+                    "rows: the reward model must be trained and normalised on the format PPO "
+                    "will score (chat messages through the template, or plain text) — use "
+                    "one format for both")
+  return demos
+
+
+def stop_ids_of(config, tokenizer) -> list:
+  """What PPO will stop sampling on (`data.stop_ids`): where the RM reads a response."""
+  init_dir = workdir_lib.resolve_model_dir(config.model.init_from, "scalar") \
+      if config.model.init_from else None
+  return data.stop_ids(tokenizer, init_dir)
+
+
 def load_data(config, tokenizer, split_cfg):
   return data.load_comparisons(batching.spec_from_config(split_cfg), tokenizer,
-                               config.data.max_prompt_len, config.data.max_len, config.rm.k_max)
+                               config.data.max_prompt_len, config.data.max_len, config.rm.k_max,
+                               stop_ids=stop_ids_of(config, tokenizer))
 
 
 def build(config, mesh, model: Model, total_steps: int) -> single_model.Parts:
@@ -116,16 +161,19 @@ step = single_model.step   # (parts, state, host batch) -> (state, metrics)
 
 
 def export_with_normalization(config, parts: single_model.Parts, tokenizer, params,
-                              workdir: str) -> str:
-  """Measures the normalisation on `data.norm` and exports the RM with it."""
+                              workdir: str, demos=None, stop_ids=(), data_format="plain"
+                              ) -> str:
+  """Measures the normalisation on `demos` (none: identity) and exports the RM with it.
+
+  The normalisation file also records the data format the RM was trained on, which PPO
+  checks its prompts against.
+  """
   cfg = parts.model.cfg
   norm = dict(mean=0.0, std=1.0, gain=False, n=0)
-  if config.rm.normalize != "none" and config.data.norm.path:
-    demos = data.load_sft(batching.spec_from_config(config.data.norm), tokenizer,
-                          config.data.max_prompt_len, config.data.max_len)
+  if demos is not None:
     norm = measure_normalization(cfg, params, parts.mesh, demos.arrays,
                                  config.train.batch_size,
-                                 gain=config.rm.normalize == "bias_gain")
+                                 gain=config.rm.normalize == "bias_gain", stop_ids=stop_ids)
     log.info("[rm] reward normalisation from %d demonstrations: mean %.4f std %.4f",
              norm["n"], norm["mean"], norm["std"])
   # HF's `score` layer has no bias: fold ours into the normalisation's mean, so the exported
@@ -133,7 +181,7 @@ def export_with_normalization(config, parts: single_model.Parts, tokenizer, para
   params = dict(params, head=dict(params["head"]))
   bias = float(np.asarray(jax.device_get(params["head"]["bias"])).reshape(-1)[0])
   params["head"]["bias"] = jnp.zeros_like(params["head"]["bias"])
-  norm = dict(norm, mean=norm["mean"] - bias)
+  norm = dict(norm, mean=norm["mean"] - bias, format=data_format)
   return workdir_lib.export(workdir, cfg, params, tokenizer, "scalar", normalization=norm)
 
 
@@ -141,9 +189,12 @@ def train(config, workdir: str) -> dict:
   """Trains the reward model; exports it with its normalisation to `<workdir>/export`."""
   inputs, parts = single_model.start(config, "scalar", functools.partial(load_data, config),
                                      build)
+  demos = load_demonstrations(config, inputs.tokenizer, inputs.train_data)
 
   def finish(state):
-    out = export_with_normalization(config, parts, inputs.tokenizer, state["params"], workdir)
+    out = export_with_normalization(config, parts, inputs.tokenizer, state["params"], workdir,
+                                    demos, stop_ids_of(config, inputs.tokenizer),
+                                    inputs.train_data.format)
     log.info("[rm] exported reward model to %s", out)
 
   def summarize(sums):
