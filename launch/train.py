@@ -31,12 +31,44 @@ def _user_error(message: str) -> None:
   sys.exit(2)
 
 
+def _config_file(argv):
+  """The `--config=<file>[:arg]` of the command line, loaded; None if absent or broken."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not spec:
+    return None
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  except Exception:  # pylint: disable=broad-except  # reported by the normal parse below
+    return None
+
+
+def _print_help(argv) -> None:
+  """absl's flags, then every config field of `--config=<file>` with default and comment."""
+  from rlhf_jax import config_help
+  print(flags.FLAGS.main_module_help())
+  config = _config_file(argv)
+  if config is None:
+    print("\nGive --config=configs/<stage>.py to list its config fields.")
+    return
+  print("\nConfig fields (override any with --config.<field>=<value>):")
+  print("\n".join("  " + line for line in config_help.field_lines(config)))
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with config mistakes reported in one line instead of a traceback.
 
   ml_collections raises a bare AttributeError / KeyError for an unknown `--config.a.b`
   field, and re-wraps a UserError raised while the config file builds itself.
+  `--helpfull` / `--help` also list the config file's fields.
   """
+  if any(a in ("--helpfull", "--help", "-h", "--helpshort") for a in argv[1:]):
+    _print_help(argv)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  # every parse error is the user's
@@ -50,13 +82,19 @@ def _parse_flags(argv):
       _user_error(str(user))
     if isinstance(e, flags.Error):
       _user_error(f"{str(e).splitlines()[0]} (--helpfull lists the flags)")
-    key = str(e).strip("\"'")
+    import re
+    quoted = re.search(r"'([\w.-]+)\\?'", str(e))   # KeyError("'kl_cof'\nDid you mean...")
+    key = quoted.group(1) if quoted else str(e).strip("\"'")
     overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     culprit = next((o for o in overrides if key and key in o[len("--config."):].split(".")),
                    None)
     if isinstance(e, (AttributeError, KeyError)) and culprit:
-      _user_error(f"{culprit}: unknown config field {key!r}; `--config=<file> --helpfull` "
-                  "lists the fields")
+      from rlhf_jax import config_help
+      config = _config_file(argv)
+      near = config_help.closest(config, culprit[len("--config."):]) if config else []
+      hint = f"; did you mean {' or '.join('--config.' + n for n in near)}?" if near else ""
+      _user_error(f"{culprit}: unknown config field {key!r}{hint} (`--config=<file> "
+                  "--helpfull` lists the fields)")
     _user_error(f"could not load the config ({type(e).__name__}: {' '.join(str(e).split())})")
 
 

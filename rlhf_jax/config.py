@@ -15,13 +15,19 @@ from rlhf_jax.errors import ConfigError
 STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
+# The logical columns a dataset row may have (`data.sources.ROLES`); each can be renamed.
+COLUMN_ROLES = ("prompt", "completion", "messages", "chosen", "rejected", "responses",
+                "ranks", "finished", "text")
+
+
 def data_spec(path: str = "", **columns) -> ml_collections.ConfigDict:
   """One dataset: a local json/jsonl/parquet file or directory, or a hub name."""
   return ml_collections.ConfigDict(dict(
       path=path,            # '' = none (the embedded task fills it in)
       split="train",
       format="",            # '' = from the file suffix
-      columns=ml_collections.ConfigDict(columns),  # logical name -> column name overrides
+      # Column renames, e.g. --config.data.train.columns.prompt=question ('' = the role's name)
+      columns=ml_collections.ConfigDict({r: columns.get(r, "") for r in COLUMN_ROLES}),
       on_bad_row="skip",    # skip (counted and reported) | error
       max_rows=0,           # 0 = all rows
   ))
@@ -41,15 +47,17 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "small"      # used when init_from is '' (random init)
   c.model.init_from = ""        # local HF dir or a previous stage's workdir ('' = preset)
-  c.model.dtype = "float32"     # compute dtype: float32 | bfloat16 (params stay float32)
+  # Compute dtype: auto (bfloat16 on GPU / TPU, float32 on CPU) | float32 | bfloat16; the
+  # params (master weights) stay float32.
+  c.model.dtype = "auto"
   c.model.remat = False         # rematerialise each block in the backward pass
   c.tokenizer = ""              # HF tokenizer dir; '' = the one next to init_from / the task's
 
   c.data = ml_collections.ConfigDict()
   c.data.train = data_spec()
   c.data.eval = data_spec()
-  c.data.max_prompt_len = 32
-  c.data.max_len = 64
+  c.data.max_prompt_len = 256  # prompt tokens (longer prompts are reported and skipped)
+  c.data.max_len = 512         # prompt + response tokens
   # Length bucketing: each batch is cut to the smallest of bucket_min_len * 2^i (or max_len;
   # PPO: max_prompt_len for prompts, ppo.max_new_tokens for responses) that holds its longest
   # row; one compilation per bucket. 0 pads every batch to the full length.
@@ -129,7 +137,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"mesh.{axis}", value, "a positive int, or -1 for 'the rest'")
   if sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
     raise ConfigError("mesh", dict(c.mesh), "at most one axis set to -1")
-  _choice(c, "model.dtype", ("float32", "bfloat16"))
+  _choice(c, "model.dtype", ("auto", "float32", "bfloat16"))
   if c.model.init_from and not os.path.isdir(os.path.expanduser(c.model.init_from)):
     raise ConfigError("model.init_from", c.model.init_from,
                       "a local HF model directory or a previous stage's workdir")
@@ -176,7 +184,7 @@ def sft_config(stage: str = "sft") -> ml_collections.ConfigDict:
 def rm_config() -> ml_collections.ConfigDict:
   c = base_config("rm")
   c.rm = ml_collections.ConfigDict(dict(
-      k_max=9,                # InstructGPT: K in [2, 9] responses ranked per prompt
+      k_max=0,                # K responses per prompt (InstructGPT: 2..9); 0 = from the data
       normalize="bias",       # bias | bias_gain | none  (measured on data.norm)
   ))
   c.data.norm = data_spec()   # demonstrations (prompt/completion) for the normalisation
@@ -190,7 +198,7 @@ def ppo_config() -> ml_collections.ConfigDict:
       reward_from="",         # RM: HF dir or RM workdir
       value_from="",          # value model init ('' = the reward model, as in InstructGPT)
       iterations=100,         # rollout + update rounds
-      max_new_tokens=16,
+      max_new_tokens=256,     # response tokens per rollout (prompt + response <= data.max_len)
       temperature=1.0,
       top_k=0,               # must stay 0 / 1.0: PPO samples from softmax(logits / temperature)
       top_p=1.0,
@@ -227,8 +235,9 @@ def ppo_config() -> ml_collections.ConfigDict:
 def validate_stage(c) -> None:
   """Stage-specific checks on top of `validate`."""
   if c.stage == "rm":
-    if not isinstance(c.rm.k_max, int) or c.rm.k_max < 2:
-      raise ConfigError("rm.k_max", c.rm.k_max, "an int >= 2")
+    if isinstance(c.rm.k_max, bool) or not isinstance(c.rm.k_max, int) or c.rm.k_max < 0 \
+        or c.rm.k_max == 1:
+      raise ConfigError("rm.k_max", c.rm.k_max, "an int >= 2, or 0 for the data's largest K")
     _choice(c, "rm.normalize", ("bias", "bias_gain", "none"))
     if c.task == "" and c.rm.normalize != "none" and not c.data.norm.path:
       raise ConfigError("data.norm.path", c.data.norm.path,
@@ -293,3 +302,11 @@ def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDic
     else:
       raise ConfigError("<config arg>", variant, "'' or 'tiny'")
   return c
+
+
+def compute_dtype(value: str) -> str:
+  """`model.dtype` as a concrete dtype: 'auto' is bfloat16 on an accelerator, else float32."""
+  if value != "auto":
+    return value
+  import jax
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -6,9 +6,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from rlhf_jax import config as config_lib
 from rlhf_jax.trainers import ppo, rm, sft
 
+log = logging.getLogger("rlhf_jax")
+
+# Setting any of these on the command line means "my data", not the built-in task.
+USER_DATA_FIELDS = ("data.train.path", "model.init_from", "ppo.reward_from")
 # config.stage -> the trainer module that trains it
 TRAINERS = {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}
 
@@ -25,6 +31,10 @@ def run(config, workdir: str, overridden: tuple = ()) -> dict:
   Returns:
     The last logged metrics (with "preempted" when a SIGTERM cut the run short).
   """
+  given = [f for f in USER_DATA_FIELDS if f in overridden]
+  if config.task == "default" and given and "task" not in overridden:
+    log.info("[run] --config.%s given: training on your data (config.task='')", given[0])
+    config.task = ""
   config_lib.validate(config)
   if config.task == "default":
     from rlhf_jax import pipeline

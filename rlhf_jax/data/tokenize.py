@@ -264,7 +264,8 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
     tokenizer: a `transformers` tokenizer with pad and eos tokens.
     max_prompt_len: longest prompt in tokens (incl. bos).
     max_len: sequence length T of each prompt + response + eos.
-    k_max: the K dimension; rows with more responses are bad rows.
+    k_max: the K dimension; rows with more responses are bad rows. 0: K is taken from the
+      data (the most responses any usable row has; 2 for chosen / rejected pairs).
     add_bos: BOS policy (see `vocab`).
     stop_ids: the ids PPO stops sampling on (`sampling.generate(eos_id=...)`); a chat
       response ends at the first of them in its end-of-turn text + eos. None:
@@ -276,7 +277,8 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
   """
   max_prompt_len, max_len = _positive("max_prompt_len", max_prompt_len), \
       _positive("max_len", max_len)
-  k_max = _positive("k_max", k_max, 2)
+  from_data = k_max == 0   # K = the most responses any row has
+  k_max = 0 if from_data else _positive("k_max", k_max, 2)
   ld = _Load(spec, tokenizer, add_bos)
   chat = ld.chat_mode("prompt")
   tail = ld.enc.tail(chat, stop_ids)
@@ -301,7 +303,7 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
       texts = [read(get_value(row, col[r]), col[r]) for r in ("chosen", "rejected")]
       levels = [0, 1]
     else:
-      texts, levels = _ranked(row, col, k_max, read)
+      texts, levels = _ranked(row, col, k_max or np.iinfo(np.int32).max, read)
     finished = get_finished(row, col["finished"], len(texts))
     if not chat:
       prompt, *texts = ld.move_space(prompt, texts)
@@ -325,6 +327,8 @@ def load_comparisons(spec: DataSpec, tokenizer: Any, max_prompt_len: int, max_le
     else:
       used.append(i), rows_out.append(seqs)
   report = ld.finish(used, resp_field, "moved it to the start of each response")
+  if from_data:
+    k_max = max([len(seqs) for seqs in rows_out] + [2])
   n = len(rows_out)
   ids = np.full((n, k_max, max_len), ld.enc.pad_id, np.int32)
   mask = np.zeros((n, k_max, max_len), np.int32)

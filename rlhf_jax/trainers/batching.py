@@ -14,7 +14,8 @@ def spec_from_config(spec_cfg):
   from rlhf_jax import data
   return data.DataSpec(
       path=spec_cfg.path, split=spec_cfg.split, format=spec_cfg.format or None,
-      columns=dict(spec_cfg.columns), on_bad_row=spec_cfg.on_bad_row,
+      columns={role: name for role, name in spec_cfg.columns.items() if name},
+      on_bad_row=spec_cfg.on_bad_row,
       max_rows=spec_cfg.max_rows or None)
 
 

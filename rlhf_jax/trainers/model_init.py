@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import jax
 
+from rlhf_jax import config as config_lib
 from rlhf_jax import models, sharding
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.errors import ConfigError, UserError
@@ -67,7 +68,7 @@ def place(mesh, rules, cfg, kind: str, host_params, source: str = "") -> Model:
 def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: int = 0,
                   tokenizer=None, field: str = "model.init_from") -> Model:
   """One model of a stage: loaded from `init_from`, or a random init of `model.preset`."""
-  dtype, remat = config.model.dtype, bool(config.model.remat)
+  dtype, remat = config_lib.compute_dtype(config.model.dtype), bool(config.model.remat)
   if init_from:
     model_dir = workdir_lib.resolve_model_dir(init_from, kind, field)
     cfg, params = models.load_hf(model_dir)
