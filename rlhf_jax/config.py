@@ -51,6 +51,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   # params (master weights) stay float32.
   c.model.dtype = "auto"
   c.model.remat = False         # rematerialise each block in the backward pass
+  # Residual dropout (embeddings, attention and MLP outputs) and attention-probability
+  # dropout, in SFT and reward-model training steps only: never in rollouts, scoring,
+  # evaluation or PPO (InstructGPT's SFT used residual dropout 0.2).
+  c.model.dropout = 0.0
+  c.model.attention_dropout = 0.0
   c.tokenizer = ""              # HF tokenizer dir; '' = the one next to init_from / the task's
 
   c.data = ml_collections.ConfigDict()
@@ -138,6 +143,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
     raise ConfigError("mesh", dict(c.mesh), "at most one axis set to -1")
   _choice(c, "model.dtype", ("auto", "float32", "bfloat16"))
+  for f in ("dropout", "attention_dropout"):
+    value = c.model[f]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ConfigError(f"model.{f}", value, "a rate in [0, 1)")
   if c.model.init_from and not os.path.isdir(os.path.expanduser(c.model.init_from)):
     raise ConfigError("model.init_from", c.model.init_from,
                       "a local HF model directory or a previous stage's workdir")
@@ -177,7 +186,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def sft_config(stage: str = "sft") -> ml_collections.ConfigDict:
-  """SFT (and `pretrain`): InstructGPT trains 16 epochs, cosine to 10 %, dropout 0.2."""
+  """SFT (and `pretrain`): InstructGPT trains 16 epochs, cosine to 10 %, residual dropout 0.2
+  (`--config.model.dropout=0.2`; off by default here)."""
   return base_config(stage)
 
 

@@ -63,25 +63,41 @@ def normalized_scores(cfg, params, input_ids, attention_mask, last_index, normal
   return (raw - normalization["mean"]) / scale, raw
 
 
-def ranked_rewards(cfg, params, batch):
-  """Raw scalar rewards [B, K] of K responses per prompt, each read at its `last_index`."""
+def ranked_rewards(cfg, params, batch, dropout_rng=None):
+  """Raw scalar rewards [B, K] of K responses per prompt, each read at its `last_index`.
+
+  `dropout_rng`: a training step's key (dropout at `cfg`'s rates); None = deterministic.
+  """
   b, k, t = batch["input_ids"].shape
   flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
   r = models.scores(cfg, params, flat(batch["input_ids"]), flat(batch["attention_mask"]),
-                    flat(batch["last_index"]))
+                    flat(batch["last_index"]), dropout_rng=dropout_rng)
   return r.reshape(b, k)
 
 
-def lm_loss_and_count(cfg, params, batch):
+def lm_loss_and_count(cfg, params, batch, dropout_rng=None):
   """Masked next-token NLL (mean over loss tokens) and the number of loss tokens.
 
   `batch` holds input_ids / attention_mask / loss_mask [B, T]. The loss is taken from the
   final hidden states chunk by chunk (`losses.sft_loss_from_hidden`), so no [B, T, V]
-  float32 logits are ever held.
+  float32 logits are ever held. `dropout_rng` as in `ranked_rewards`.
   """
-  hidden = models.hidden_states(cfg, params, batch["input_ids"], batch["attention_mask"])
+  hidden = models.hidden_states(cfg, params, batch["input_ids"], batch["attention_mask"],
+                                dropout_rng=dropout_rng)
   targets = batch["input_ids"][:, 1:]
   mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
   loss = losses.sft_loss_from_hidden(hidden[:, :-1], models.unembedding(cfg, params),
                                      targets, mask)
   return loss, jnp.sum(mask)
+
+
+def dropout_keys(cfg, rng, step, n: int):
+  """One dropout key per microbatch of a training step, or None when `cfg` has no dropout.
+
+  Derived from the state's rng and step, so a resumed run draws the same masks. Only SFT
+  and reward-model steps use them: rollouts, scoring, evaluation and PPO's updates (whose
+  ratios and KL compare with dropout-free rollouts) pass none.
+  """
+  if not (cfg.dropout > 0 or cfg.attention_dropout > 0):
+    return None
+  return jax.random.split(jax.random.fold_in(rng, step), n)

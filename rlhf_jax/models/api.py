@@ -143,37 +143,46 @@ def positions_from_mask(attention_mask):
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _hidden_impl(cfg: ModelConfig, params: Params, input_ids, attention_mask):
+def _hidden_impl(cfg: ModelConfig, params: Params, input_ids, attention_mask, dropout_rng):
   model = _model(cfg, params)
   t = input_ids.shape[1]
   slots = jnp.arange(t)
   mask_bts = transformer.attention_mask(cfg, slots, slots, attention_mask)
-  hidden, _ = model.backbone(input_ids, positions_from_mask(attention_mask), mask_bts)
+  hidden, _ = model.backbone(input_ids, positions_from_mask(attention_mask), mask_bts,
+                             dropout_rng=dropout_rng)
   return model, hidden
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _hidden_jit(cfg, params, input_ids, attention_mask):
-  return _hidden_impl(cfg, params, input_ids, attention_mask)[1]
+def _hidden_jit(cfg, params, input_ids, attention_mask, dropout_rng):
+  return _hidden_impl(cfg, params, input_ids, attention_mask, dropout_rng)[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _logits_jit(cfg, params, input_ids, attention_mask):
-  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask)
+def _logits_jit(cfg, params, input_ids, attention_mask, dropout_rng):
+  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask, dropout_rng)
   return model.unembed(hidden)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _values_jit(cfg, params, input_ids, attention_mask):
-  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask)
+def _values_jit(cfg, params, input_ids, attention_mask, dropout_rng):
+  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask, dropout_rng)
   return model.score_head(hidden)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _scores_jit(cfg, params, input_ids, attention_mask, index):
-  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask)
+def _scores_jit(cfg, params, input_ids, attention_mask, index, dropout_rng):
+  model, hidden = _hidden_impl(cfg, params, input_ids, attention_mask, dropout_rng)
   h_bd = jnp.take_along_axis(hidden, index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
   return model.score_head(h_bd)
+
+
+def _dropout_rng(cfg: ModelConfig, dropout_rng):
+  # With both rates 0 the key is dropped here, so the call shares the deterministic
+  # compilation (and its exact graph) instead of tracing a second one.
+  if cfg.dropout == 0 and cfg.attention_dropout == 0:
+    return None
+  return dropout_rng
 
 
 def _require(params: Params, kind: str, fn: str) -> None:
@@ -183,12 +192,19 @@ def _require(params: Params, kind: str, fn: str) -> None:
                      f"(keys {sorted(params)})")
 
 
-def hidden_states(cfg: ModelConfig, params: Params, input_ids, attention_mask):
-  """Final-norm hidden states [B,T,D] in `cfg.dtype` (either kind of params)."""
-  return _hidden_jit(cfg, params, input_ids, attention_mask)
+def hidden_states(cfg: ModelConfig, params: Params, input_ids, attention_mask, *,
+                  dropout_rng=None):
+  """Final-norm hidden states [B,T,D] in `cfg.dtype` (either kind of params).
+
+  `dropout_rng` (here and in `logits`, `values`, `scores`): a `jax.random` key turns on
+  `cfg.dropout` / `cfg.attention_dropout` for a training step; the masks are a pure
+  function of the key. None (the default) is the deterministic forward pass, which is what
+  rollouts, scoring and evaluation use. With both rates 0 the key is ignored.
+  """
+  return _hidden_jit(cfg, params, input_ids, attention_mask, _dropout_rng(cfg, dropout_rng))
 
 
-def logits(cfg: ModelConfig, params: Params, input_ids, attention_mask):
+def logits(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, dropout_rng=None):
   """Next-token logits.
 
   Args:
@@ -196,18 +212,23 @@ def logits(cfg: ModelConfig, params: Params, input_ids, attention_mask):
     params: causal params.
     input_ids: [B,T] int token ids.
     attention_mask: [B,T], 1 = real token; left and/or right padding.
+    dropout_rng: None (deterministic) or a key that turns on the config's dropout (see
+      `hidden_states`).
 
   Returns:
     float32 [B,T,V]. Rows at pad positions are finite but meaningless.
   """
   _require(params, "causal", "logits")
-  return _logits_jit(cfg, params, input_ids, attention_mask)
+  return _logits_jit(cfg, params, input_ids, attention_mask, _dropout_rng(cfg, dropout_rng))
 
 
-def values(cfg: ModelConfig, params: Params, input_ids, attention_mask):
-  """Scalar head at every position: float32 [B,T] (value model)."""
+def values(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, dropout_rng=None):
+  """Scalar head at every position: float32 [B,T] (value model).
+
+  `dropout_rng` as in `hidden_states`.
+  """
   _require(params, "scalar", "values")
-  return _values_jit(cfg, params, input_ids, attention_mask)
+  return _values_jit(cfg, params, input_ids, attention_mask, _dropout_rng(cfg, dropout_rng))
 
 
 def head_values(cfg: ModelConfig, params: Params, hidden):
@@ -220,10 +241,15 @@ def head_values(cfg: ModelConfig, params: Params, hidden):
   return _model(cfg, params).score_head(hidden)
 
 
-def scores(cfg: ModelConfig, params: Params, input_ids, attention_mask, index):
-  """Scalar head read at `index[b]` (e.g. the last response token): float32 [B]."""
+def scores(cfg: ModelConfig, params: Params, input_ids, attention_mask, index, *,
+           dropout_rng=None):
+  """Scalar head read at `index[b]` (e.g. the last response token): float32 [B].
+
+  `dropout_rng` as in `hidden_states`.
+  """
   _require(params, "scalar", "scores")
-  return _scores_jit(cfg, params, input_ids, attention_mask, jnp.asarray(index))
+  return _scores_jit(cfg, params, input_ids, attention_mask, jnp.asarray(index),
+                     _dropout_rng(cfg, dropout_rng))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -251,7 +277,7 @@ def _forward_with_cache_jit(cfg, params, input_ids, positions, kv_mask, cache, c
 
 def forward_with_cache(cfg: ModelConfig, params: Params, input_ids, positions, kv_mask,
                        cache: dict, cache_index):
-  """One incremental step (prefill with T = prompt length, then T = 1).
+  """One incremental step (prefill with T = prompt length, then T = 1); never applies dropout.
 
   Args:
     cfg: the architecture (static).

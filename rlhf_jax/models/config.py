@@ -48,6 +48,16 @@ class ModelConfig:
     dtype: activation/compute dtype ("float32" or "bfloat16"); params stay float32.
     remat: rematerialise each block in the backward pass.
     bos_token_id / eos_token_id / pad_token_id: copied from / to the HF config.
+    dropout: residual dropout rate, GPT-2/GPT-3 style (HF GPT-2 `embd_pdrop` and
+      `resid_pdrop`): applied to the embedding output (token + learned position embeddings,
+      before the first block) and, in every block, to the attention output (after the
+      output projection) and to the MLP output (after the down projection), each before it
+      is added to the residual stream. Never to the final norm or the heads.
+    attention_dropout: dropout rate on the attention probabilities (after the softmax,
+      before they weight the values; HF `attn_pdrop` / `attention_dropout`).
+      Both rates act only in forward passes given a `dropout_rng` key (training steps);
+      rollouts, scoring, evaluation and KV-cache sampling never pass one, so they are
+      deterministic whatever the rates. The default 0 leaves the model unchanged.
   """
 
   family: str = "llama"
@@ -82,6 +92,9 @@ class ModelConfig:
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int] = None
   pad_token_id: Optional[int] = None
+  # Last, so positional construction of the older fields is unchanged.
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -101,6 +114,10 @@ class ModelConfig:
                        "None|linear|llama3")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected float32|bfloat16")
+    for name in ("dropout", "attention_dropout"):
+      rate = getattr(self, name)
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"ModelConfig.{name}={rate!r}: expected a rate in [0, 1)")
 
   @property
   def rotary_dim(self) -> int:

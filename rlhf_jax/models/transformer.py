@@ -9,6 +9,11 @@ the pure functions in `api.py` over plain param dicts.
 
 Axis letters in names: B batch, T query length, S key length (cache slots), D model width,
 N query heads, K key/value heads, G = N // K, H head width, F MLP width, V vocab.
+
+Dropout (training only) follows GPT-2/GPT-3: `cfg.dropout` on the embedding output and on
+each block's attention and MLP outputs before they join the residual stream,
+`cfg.attention_dropout` on the attention probabilities. It runs only when a dropout key is
+passed down; without one the traced graph is the plain forward pass.
 """
 
 from __future__ import annotations
@@ -38,6 +43,36 @@ _normal = jax.nn.initializers.normal(stddev=INIT_STD)
 def init_rule(leaf_name: str) -> str:
   """How a param named `leaf_name` is initialised: "normal" (std INIT_STD), "zeros", "ones"."""
   return {"kernel": "normal", "embedding": "normal", "bias": "zeros", "scale": "ones"}[leaf_name]
+
+
+# The dropout sites of one block, in the order `dropout_key` numbers them.
+BLOCK_DROPOUT_SITES = ("attention_probs", "attention_output", "mlp_output")
+
+
+def dropout_key(key, layer: int, site: str):
+  """The key of one dropout site: `site` of block `layer`, or site "embedding" (layer ignored).
+
+  Sites are numbered 0 (embedding), then 1 + 3 * layer + BLOCK_DROPOUT_SITES.index(site), and
+  each gets `jax.random.fold_in(key, number)`, so every mask in a forward pass is independent
+  and reproducible from the one key.
+  """
+  if site == "embedding":
+    return jax.random.fold_in(key, 0)
+  return jax.random.fold_in(key, 1 + len(BLOCK_DROPOUT_SITES) * layer
+                            + BLOCK_DROPOUT_SITES.index(site))
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
+
+  The keep mask is `jax.random.bernoulli(key, 1 - rate, x.shape)`; the result stays in
+  x.dtype. With `key` None or `rate` 0 this returns x itself (a Python-level branch, so the
+  deterministic graph has no extra ops).
+  """
+  if key is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 def _param(value, names) -> nnx.Param:
@@ -154,7 +189,7 @@ class Attention(nnx.Module):
     self.o = Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=cfg.out_bias,
                    rngs=rngs)
 
-  def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
+  def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None, probs_key=None):
     cfg = self.cfg
     dtype = x_btd.dtype
     q_btnh = self.q(x_btd, dtype)
@@ -186,6 +221,7 @@ class Attention(nnx.Module):
                                 preferred_element_type=jnp.float32)
     logits_bkgts = jnp.where(mask_bts[:, None, None, :, :], logits_bkgts, MASK_VALUE)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
+    probs_bkgts = dropout(probs_bkgts, cfg.attention_dropout, probs_key)
     if cache is not None:
       out_btkgh = jnp.einsum("BKGTS,BKSH->BTKGH", probs_bkgts, v_bksh)
     else:
@@ -226,17 +262,23 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.parallel = cfg.parallel_residual
+    self.resid_dropout = cfg.dropout
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
-    attn_btd, new_cache = self.attn(self.attn_norm(x_btd), rope, mask_bts, cache, cache_index)
+  def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None, dropout_keys=None):
+    """`dropout_keys`: None (no dropout) or one key per BLOCK_DROPOUT_SITES entry."""
+    probs_key, attn_key, mlp_key = dropout_keys if dropout_keys is not None else (None,) * 3
+    attn_btd, new_cache = self.attn(self.attn_norm(x_btd), rope, mask_bts, cache, cache_index,
+                                    probs_key)
+    attn_btd = dropout(attn_btd, self.resid_dropout, attn_key)
     if self.parallel:
-      return x_btd + attn_btd + self.mlp(self.mlp_norm(x_btd)), new_cache
+      mlp_btd = dropout(self.mlp(self.mlp_norm(x_btd)), self.resid_dropout, mlp_key)
+      return x_btd + attn_btd + mlp_btd, new_cache
     x_btd = x_btd + attn_btd
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), new_cache
+    return x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.resid_dropout, mlp_key), new_cache
 
 
 def attention_mask(cfg: ModelConfig, q_slots_t, k_slots_s, key_ok_bs):
@@ -265,9 +307,18 @@ class Backbone(nnx.Module):
       setattr(self, f"layer_{i}", Block(cfg, rngs=rngs))
     self.final_norm = Norm(cfg)
 
-  def __call__(self, ids_bt, positions_bt, mask_bts, cache=None, cache_index=None):
-    """Returns (hidden [B,T,D] in cfg.dtype after the final norm, new cache or None)."""
+  def __call__(self, ids_bt, positions_bt, mask_bts, cache=None, cache_index=None,
+               dropout_rng=None):
+    """Returns (hidden [B,T,D] in cfg.dtype after the final norm, new cache or None).
+
+    `dropout_rng`: a PRNG key turns on the config's dropout (training steps); None (and
+    always with a cache) is the deterministic forward pass.
+    """
     cfg = self.cfg
+    if dropout_rng is not None and cache is not None:
+      raise ValueError("Backbone: dropout is for training forward passes, not KV-cache decoding")
+    if cfg.dropout == 0 and cfg.attention_dropout == 0:
+      dropout_rng = None
     dtype = jnp.dtype(cfg.dtype)
     x_btd = self.embed(ids_bt, dtype)
     rope = None
@@ -275,16 +326,21 @@ class Backbone(nnx.Module):
       x_btd = x_btd + self.pos_embed(positions_bt, dtype)
     else:
       rope = rope_tables(cfg, positions_bt)
+    if dropout_rng is not None:
+      x_btd = dropout(x_btd, cfg.dropout, dropout_key(dropout_rng, 0, "embedding"))
     new_cache = {} if cache is not None else None
     for i in range(cfg.num_layers):
       name = f"layer_{i}"
       block = getattr(self, name)
       layer_cache = cache[name] if cache is not None else None
+      keys = None
+      if dropout_rng is not None:
+        keys = tuple(dropout_key(dropout_rng, i, site) for site in BLOCK_DROPOUT_SITES)
       if cfg.remat:
-        fn = nnx.remat(lambda blk, x, r, m, c, ci: blk(x, r, m, c, ci))
-        x_btd, layer_new = fn(block, x_btd, rope, mask_bts, layer_cache, cache_index)
+        fn = nnx.remat(lambda blk, x, r, m, c, ci, k: blk(x, r, m, c, ci, k))
+        x_btd, layer_new = fn(block, x_btd, rope, mask_bts, layer_cache, cache_index, keys)
       else:
-        x_btd, layer_new = block(x_btd, rope, mask_bts, layer_cache, cache_index)
+        x_btd, layer_new = block(x_btd, rope, mask_bts, layer_cache, cache_index, keys)
       if cache is not None:
         new_cache[name] = layer_new
     return self.final_norm(x_btd), new_cache

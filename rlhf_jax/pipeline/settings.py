@@ -47,7 +47,8 @@ def task_settings(variant=None) -> ml_collections.ConfigDict:
 
 # Fields every stage takes from the user's config as given; the PPO stages also take the
 # whole `ppo` and `optim` blocks (then set the few fields their rows below name).
-INHERITED = ("seed", "mesh", "sharding_rules", "model.dtype", "model.remat",
+INHERITED = ("seed", "mesh", "sharding_rules", "model.dtype", "model.remat", "model.dropout",
+             "model.attention_dropout",
              "train.progress", "train.eval_batches")
 PPO_INHERITED = ("ppo", "optim")
 

@@ -68,11 +68,14 @@ def place(mesh, rules, cfg, kind: str, host_params, source: str = "") -> Model:
 def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: int = 0,
                   tokenizer=None, field: str = "model.init_from") -> Model:
   """One model of a stage: loaded from `init_from`, or a random init of `model.preset`."""
-  dtype, remat = config_lib.compute_dtype(config.model.dtype), bool(config.model.remat)
+  # The run's compute dtype, remat and dropout rates replace what a checkpoint carries.
+  settings = dict(dtype=config_lib.compute_dtype(config.model.dtype),
+                  remat=bool(config.model.remat), dropout=float(config.model.dropout),
+                  attention_dropout=float(config.model.attention_dropout))
   if init_from:
     model_dir = workdir_lib.resolve_model_dir(init_from, kind, field)
     cfg, params = models.load_hf(model_dir)
-    cfg = cfg.replace(dtype=dtype, remat=remat)
+    cfg = cfg.replace(**settings)
     loaded_kind = "scalar" if "head" in params else "causal"
     fresh_head = loaded_kind != kind
     if fresh_head:
@@ -85,7 +88,7 @@ def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: i
     model.fresh_head = fresh_head
   else:
     try:
-      cfg = models.get_preset(config.model.preset).replace(dtype=dtype, remat=remat)
+      cfg = models.get_preset(config.model.preset).replace(**settings)
     except ValueError as e:
       raise ConfigError("model.preset", config.model.preset, str(e).split("; ")[-1]) from None
     if tokenizer is not None:

@@ -45,8 +45,8 @@ def prompts_with_pairs(ranks, valid):
 def make_train_step(cfg, tx, grad_accum: int):
   """Ranking-loss update; microbatches weighted by their share of prompts with a pair."""
 
-  def micro_loss(params, micro, total_prompts):
-    loss, aux = losses.ranking_loss(objectives.ranked_rewards(cfg, params, micro),
+  def micro_loss(params, micro, total_prompts, key):
+    loss, aux = losses.ranking_loss(objectives.ranked_rewards(cfg, params, micro, key),
                                     micro["ranks"], micro["valid"])
     n = prompts_with_pairs(micro["ranks"], micro["valid"])
     return loss * n / jnp.maximum(total_prompts, 1), aux["accuracy"] * n
@@ -57,12 +57,15 @@ def make_train_step(cfg, tx, grad_accum: int):
     micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
     total = prompts_with_pairs(batch["ranks"], batch["valid"])
 
-    def body(acc, mb):
-      (weighted, acc_n), grads = grad_fn(state["params"], mb, total)
+    keys = objectives.dropout_keys(cfg, state["rng"], state["step"], grad_accum)
+
+    def body(acc, xs):
+      mb, key = xs
+      (weighted, acc_n), grads = grad_fn(state["params"], mb, total, key)
       return jax.tree.map(jnp.add, acc, (weighted, acc_n, grads)), None
 
     zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-    (loss, acc_n, grads), _ = jax.lax.scan(body, zeros, micro)
+    (loss, acc_n, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(jnp.add, state["params"], updates)
     new = state_lib.guarded(state, dict(state, params=params, opt_state=opt_state),

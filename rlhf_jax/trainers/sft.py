@@ -34,8 +34,8 @@ def make_train_step(cfg, tx, grad_accum: int):
   accumulated gradient equals the token-level mean over the whole batch.
   """
 
-  def micro_loss(params, micro, total_tokens):
-    loss, count = objectives.lm_loss_and_count(cfg, params, micro)
+  def micro_loss(params, micro, total_tokens, key):
+    loss, count = objectives.lm_loss_and_count(cfg, params, micro, dropout_rng=key)
     return loss * count / jnp.maximum(total_tokens, 1), (loss, count)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -44,12 +44,15 @@ def make_train_step(cfg, tx, grad_accum: int):
     micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
     total = jnp.sum(batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:])
 
-    def body(acc, mb):
-      (weighted, _), grads = grad_fn(state["params"], mb, total)
+    keys = objectives.dropout_keys(cfg, state["rng"], state["step"], grad_accum)
+
+    def body(acc, xs):
+      mb, key = xs
+      (weighted, _), grads = grad_fn(state["params"], mb, total, key)
       return jax.tree.map(jnp.add, acc, (weighted, grads)), None
 
     zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-    (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+    (loss, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(jnp.add, state["params"], updates)
     new = dict(state, params=params, opt_state=opt_state)
