@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch", reason="torch makes the tiny HF checkpoints
 
 # Learning from SFT (see the test): measured margins, with the values seen in the note.
 SCORE_GAIN = 1.5     # seen: +2.80 (PPO-ptx), +3.02 (PPO) held-out RM score over the first rollouts
-KL_BOUND = 15.0      # seen: max KL 5.2 (PPO-ptx), 6.9 (PPO) per response, beta 0.05
+KL_BOUND = 10.0      # seen: max KL 5.2 (PPO-ptx), 6.9 (PPO) per response, beta 0.05 (the sign
+# and scale of the KL term are pinned sharply by test_ppo_optimum; this bounds the drift)
 PTX_GAIN = 1.0      # seen: pretraining loss 0.93 with ptx vs 3.71 without (SFT 2.10)
 
 
