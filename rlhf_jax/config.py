@@ -84,6 +84,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       max_consecutive_skips=5,  # non-finite updates in a row before the run stops
       progress=True,          # tqdm bar
+      sample_every=10,        # PPO: log rows to samples.jsonl + TensorBoard every N (0 = off)
+      samples_logged=4,       # PPO: rows (prompt, response, score, KL) logged each time
+      wandb="",               # PPO: Weights & Biases project to mirror metrics to ('' = off)
   ))
   return c
 
@@ -205,7 +208,12 @@ def rm_config() -> ml_collections.ConfigDict:
 def ppo_config() -> ml_collections.ConfigDict:
   c = base_config("ppo")
   c.ppo = ml_collections.ConfigDict(dict(
-      reward_from="",         # RM: HF dir or RM workdir
+      reward_from="",         # RM: HF dir or RM workdir ('' = reward_fn only)
+      # A Python reward, called on the host as
+      # name(prompts: list[str], responses: list[str]) -> list[float]:
+      reward_fn="",           # path/to/file.py:name or module:name ('' = the RM only)
+      reward_model_weight=1.0,  # score = reward_model_weight * normalised RM score + ...
+      reward_fn_weight=1.0,     # ... + reward_fn_weight * reward_fn's score
       value_from="",          # value model init ('' = the reward model, as in InstructGPT)
       iterations=100,         # rollout + update rounds
       max_new_tokens=256,     # response tokens per rollout (prompt + response <= data.max_len)
@@ -244,6 +252,9 @@ def ppo_config() -> ml_collections.ConfigDict:
 
 def validate_stage(c) -> None:
   """Stage-specific checks on top of `validate`."""
+  _int_at_least(c, "train.sample_every", 0)
+  _int_at_least(c, "train.samples_logged", 1)
+  _check_wandb_project(c.train.wandb)
   if c.stage == "rm":
     if isinstance(c.rm.k_max, bool) or not isinstance(c.rm.k_max, int) or c.rm.k_max < 0 \
         or c.rm.k_max == 1:
@@ -281,10 +292,34 @@ def validate_stage(c) -> None:
     if c.train.batch_size % p.minibatches:
       raise ConfigError("ppo.minibatches", p.minibatches,
                         f"a divisor of train.batch_size={c.train.batch_size}")
+    for f in ("reward_model_weight", "reward_fn_weight"):
+      _positive(c, f"ppo.{f}", allow_zero=True)
+    _check_reward_fn(p.reward_fn)
     if c.data.max_prompt_len + p.max_new_tokens > c.data.max_len:
       raise ConfigError("ppo.max_new_tokens", p.max_new_tokens,
                         f"at most data.max_len - data.max_prompt_len = "
                         f"{c.data.max_len - c.data.max_prompt_len}")
+
+
+def _check_reward_fn(spec: str) -> None:
+  """`ppo.reward_fn`'s shape, and its file when it names one (importing waits for PPO)."""
+  if not spec:
+    return
+  from rlhf_jax import reward_fns
+  try:
+    source, _ = reward_fns.split_spec(spec)
+  except ValueError as e:
+    raise ConfigError("ppo.reward_fn", spec, str(e)) from None
+  if reward_fns.is_file_spec(source) and not os.path.isfile(os.path.expanduser(source)):
+    raise ConfigError("ppo.reward_fn", spec, "an existing Python file, then :function")
+
+
+def _check_wandb_project(project: str) -> None:
+  """A W&B project name: printable, at most 128 characters, none of / \\ # ? % :."""
+  if project and (len(project) > 128 or not project.isprintable() or
+                  any(ch in project for ch in "/\\#?%:") or project != project.strip()):
+    raise ConfigError("train.wandb", project, "a Weights & Biases project name (at most 128 "
+                      "printable characters, none of / \\ # ? % :), or '' for off")
 
 
 def variants(arg) -> list:

@@ -81,9 +81,10 @@ def host_copy(tree):
 
 
 def export(workdir: str, cfg, params, tokenizer, kind: str,
-           normalization: Optional[dict] = None) -> str:
-  """Writes an HF-format copy under `<workdir>/export/<policy|reward_model>` (process 0)."""
-  out = os.path.join(workdir, "export", EXPORT_NAMES[kind])
+           normalization: Optional[dict] = None, name: Optional[str] = None) -> str:
+  """Writes an HF-format copy under `<workdir>/export/<policy|reward_model>` (process 0);
+  `name` replaces the kind's directory name (PPO's value model: `export/value_model`)."""
+  out = os.path.join(workdir, "export", name or EXPORT_NAMES[kind])
   host_params = host_copy(params)
   if jax.process_index() == 0:
     # A scalar model's config gets a pad id distinct from EOS (`models.save_hf`), so that

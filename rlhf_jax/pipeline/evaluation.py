@@ -18,9 +18,9 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import data, models, tasks
+from rlhf_jax import data, generation, models, tasks
 from rlhf_jax import workdir as workdir_lib
-from rlhf_jax.pipeline import generation, report
+from rlhf_jax.pipeline import report
 from rlhf_jax.pipeline.settings import MAX_LEN, MAX_NEW_TOKENS, MAX_PROMPT_LEN
 
 log = logging.getLogger("rlhf_jax")

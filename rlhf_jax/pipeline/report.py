@@ -1,16 +1,18 @@
-"""`report.md` and PNG plots for the embedded pipeline's evaluation."""
+"""`report.md` and PNG plots for the embedded pipeline's evaluation.
+
+The tables and figures are drawn with `rlhf_jax.reporting`, which `launch/evaluate.py`'s
+report (`rlhf_jax.compare`) shares.
+"""
 
 from __future__ import annotations
 
 import os
 
-from rlhf_jax import metrics
+from rlhf_jax import metrics, reporting
 
 
 def _plot(workdir: str) -> list:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reporting.pyplot()
   written = []
   runs = {}
   for name in ("ppo", "ppo_noptx"):
@@ -29,11 +31,7 @@ def _plot(workdir: str) -> list:
                     "kl_coef": "β"}[key])
       ax.set_xlabel("PPO iteration")
   axes[0].legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, "ppo_curves.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  written.append(path)
+  written.append(reporting.save_figure(fig, os.path.join(workdir, "ppo_curves.png")))
   fig, ax = plt.subplots(figsize=(5, 4))
   for name, rows in runs.items():
     ax.scatter([r.get("kl") for r in rows], [r.get("score") for r in rows], s=10, label=name)
@@ -41,48 +39,42 @@ def _plot(workdir: str) -> list:
   ax.set_ylabel("RM score")
   ax.set_title("Reward–KL trade-off")
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, "reward_vs_kl.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  written.append(path)
+  written.append(reporting.save_figure(fig, os.path.join(workdir, "reward_vs_kl.png")))
   return written
-
-
-def _cell(text: str) -> str:
-  return (text or "∅").replace("|", "\\|").replace("\n", " ")
 
 
 def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict,
           n_samples: int = 12) -> str:
   plots = _plot(workdir)
-  lines = ["# Evaluation on the built-in task", "",
-           f"{result['n_prompts']} held-out prompts, sampling temperature "
-           f"{result['temperature']}, seed {result['seed']}.", "",
-           "| metric | value |", "| --- | --- |",
-           f"| oracle win rate, PPO-ptx over SFT | {result['oracle_win_rate']:.3f} |"]
+  cell = reporting.cell
+  metric_rows = [["oracle win rate, PPO-ptx over SFT", f"{result['oracle_win_rate']:.3f}"]]
   if result.get("oracle_win_rate_no_ptx") is not None:
-    lines.append(f"| oracle win rate, PPO over SFT | {result['oracle_win_rate_no_ptx']:.3f} |")
-  lines.append(f"| RM pairwise accuracy (held-out, vs oracle) | {result['rm_accuracy']:.3f} |")
-  lines.append(f"| KL(PPO-ptx ‖ SFT) per response | {result['kl_to_sft']:.3f} |")
+    metric_rows.append(["oracle win rate, PPO over SFT",
+                        f"{result['oracle_win_rate_no_ptx']:.3f}"])
+  metric_rows.append(["RM pairwise accuracy (held-out, vs oracle)",
+                      f"{result['rm_accuracy']:.3f}"])
+  metric_rows.append(["KL(PPO-ptx ‖ SFT) per response", f"{result['kl_to_sft']:.3f}"])
   if result.get("kl_to_sft_no_ptx") is not None:
-    lines.append(f"| KL(PPO ‖ SFT) per response | {result['kl_to_sft_no_ptx']:.3f} |")
-  lines += ["", "| model | oracle score | pretraining loss | alignment tax | unsafe rate |"
-            " EOS rate |", "| --- | --- | --- | --- | --- | --- |"]
+    metric_rows.append(["KL(PPO ‖ SFT) per response", f"{result['kl_to_sft_no_ptx']:.3f}"])
+  model_rows = []
   for name in result["pretrain_loss"]:
     tax = result["alignment_tax"].get(name, 0.0)
-    lines.append(f"| {name} | {result['oracle_score'][name]:.3f} | "
-                 f"{result['pretrain_loss'][name]:.4f} | {tax:+.4f} | "
-                 f"{result['unsafe_rate'][name]:.3f} | {result['eos_rate'][name]:.3f} |")
-  lines += ["", "## Samples", "", "| prompt | SFT | score | PPO-ptx | score |",
-            "| --- | --- | --- | --- | --- |"]
-  for i in range(min(n_samples, len(prompts))):
-    lines.append(f"| {_cell(prompts[i])} | {_cell(samples['sft'].texts[i])} | "
-                 f"{scores['sft'][i]:.2f} | {_cell(samples['ppo'].texts[i])} | "
-                 f"{scores['ppo'][i]:.2f} |")
+    model_rows.append([name, f"{result['oracle_score'][name]:.3f}",
+                       f"{result['pretrain_loss'][name]:.4f}", f"{tax:+.4f}",
+                       f"{result['unsafe_rate'][name]:.3f}", f"{result['eos_rate'][name]:.3f}"])
+  sample_rows = [[cell(prompts[i]), cell(samples["sft"].texts[i]), f"{scores['sft'][i]:.2f}",
+                  cell(samples["ppo"].texts[i]), f"{scores['ppo'][i]:.2f}"]
+                 for i in range(min(n_samples, len(prompts)))]
+  lines = ["# Evaluation on the built-in task", "",
+           f"{result['n_prompts']} held-out prompts, sampling temperature "
+           f"{result['temperature']}, seed {result['seed']}.", ""]
+  lines += reporting.table(["metric", "value"], metric_rows)
+  lines += [""] + reporting.table(["model", "oracle score", "pretraining loss",
+                                   "alignment tax", "unsafe rate", "EOS rate"], model_rows)
+  lines += ["", "## Samples", ""]
+  lines += reporting.table(["prompt", "SFT", "score", "PPO-ptx", "score"], sample_rows)
   if plots:
-    lines += ["", "## Training curves", ""]
-    lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    lines += ["", "## Training curves", ""] + reporting.image_links(plots)
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

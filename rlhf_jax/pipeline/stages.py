@@ -13,7 +13,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import data, tasks
 from rlhf_jax import workdir as workdir_lib
-from rlhf_jax.pipeline import generation
+from rlhf_jax import generation
 from rlhf_jax.pipeline.settings import MAX_NEW_TOKENS, MAX_PROMPT_LEN
 from rlhf_jax.trainers import ppo, rm, sft
 

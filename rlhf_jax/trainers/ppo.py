@@ -10,9 +10,15 @@ KL coefficient is fixed or adaptive (Ziegler et al. 2019) and lives in the state
         --config.model.init_from=runs/sft --config.ppo.reward_from=runs/rm \
         --config.data.train.path=prompts.jsonl --config.data.ptx.path=pretrain.jsonl
 
+The reward may also (or instead) be a Python function, `--config.ppo.reward_fn=file.py:name`,
+scored on the host between the rollout and the experience (`ppo_rewards`); without a
+reward model the value model starts from the policy with a fresh head. Every
+`train.sample_every` iterations a few rows go to `samples.jsonl` (`samples_log`).
+
 `load_models` + `build` give the `Parts` (state, jitted functions per prompt-length bucket)
-that `iteration` runs; `train` adds the data, the host loop and the export. The benchmarks
-and the scale-out tests call `build` and `iteration` with models of their own.
+that `iteration` runs; `train` adds the data, the host loop and the export (the policy, and
+the value model to `export/value_model`). The benchmarks and the scale-out tests call
+`build` and `iteration` with models of their own.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import data, losses, objectives, optim, sampling, sharding
+from rlhf_jax import data, losses, objectives, optim, reward_fns, sampling, sharding
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import workdir as workdir_lib
-from rlhf_jax.errors import ConfigError, UserError
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import ppo_experience as experience_lib
+from rlhf_jax.trainers import ppo_rewards, ppo_setup
 from rlhf_jax.trainers import state as state_lib
 from rlhf_jax.trainers.model_init import Model
 
 log = logging.getLogger("rlhf_jax")
+VALUE_MODEL_EXPORT = "value_model"   # <workdir>/export/value_model (HF sequence classifier)
 
 
 def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_len: int,
@@ -121,43 +130,62 @@ def make_kl_update_fn(ppo_cfg, batch_size: int):
 @dataclasses.dataclass
 class Models:
   """PPO's models: the SFT policy (the frozen reference and the trained copy's start), the
-  value model and the reward model with its normalisation."""
+  value model and the reward model with its normalisation, and/or a reward function."""
   policy: Model
   value: Model
-  reward: Model
+  reward: Optional[Model]     # None: the reward function alone scores
   normalization: dict
   eos_id: Optional[int]       # a response without it (or a stop id) gets `ppo.no_eos_penalty`
   pad_id: int
   stop_ids: tuple = ()        # the sampler stops a row at any of these (() = never)
+  reward_fn: Optional[reward_fns.RewardFn] = None   # `ppo.reward_fn`, scored on the host
+  tokenizer: Any = None       # decodes responses for the reward function and the samples
 
   def finish_ids(self):
     """What counts as a finished response in the experience: the stop ids, else EOS."""
     return list(self.stop_ids) if self.stop_ids else self.eos_id
 
 
-def load_models(config, mesh, tokenizer) -> Models:
-  """The policy (`model.init_from`), reward (`ppo.reward_from`) and value
-  (`ppo.value_from`, default the reward model) models, placed on `mesh`."""
+def load_models(config, mesh, tokenizer, reward_fn=None) -> Models:
+  """The policy (`model.init_from`), reward (`ppo.reward_from`, if any) and value
+  (`ppo.value_from`, default the reward model, else the policy with a fresh head) models,
+  placed on `mesh`, and the reward function (`ppo.reward_fn`, loaded here unless given)."""
   p = config.ppo
+  if reward_fn is None and p.reward_fn:
+    reward_fn = reward_fns.load(p.reward_fn)
   rules = state_lib.parse_rules(config.sharding_rules)
   policy_dir = workdir_lib.resolve_model_dir(config.model.init_from, "causal")
-  reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
-  value_from = p.value_from or p.reward_from
-  value_dir = workdir_lib.resolve_model_dir(value_from, "scalar", "ppo.value_from")
+  value_from, value_field = _value_source(config)
+  value_dir = workdir_lib.resolve_model_dir(value_from, "scalar", value_field)
   policy = model_init.initial_model(config, mesh, rules, "causal", config.model.init_from,
                                     tokenizer=tokenizer)
-  reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
-                                    tokenizer=tokenizer, field="ppo.reward_from")
+  reward, normalization = None, dict(workdir_lib.NO_NORMALIZATION)
+  if p.reward_from:
+    reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
+    reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
+                                      tokenizer=tokenizer, field="ppo.reward_from")
+    normalization = workdir_lib.read_rm_normalization(reward_dir)
   value = model_init.initial_model(config, mesh, rules, "scalar", value_from,
-                                   tokenizer=tokenizer, seed_offset=1, field="ppo.value_from")
+                                   tokenizer=tokenizer, seed_offset=1, field=value_field)
   if not value.fresh_head:   # started from a reward model: read in the rewards' units
     value = in_reward_units(value, workdir_lib.read_rm_normalization(value_dir))
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-  return Models(policy=policy, value=value, reward=reward,
-                normalization=workdir_lib.read_rm_normalization(reward_dir),
+  return Models(policy=policy, value=value, reward=reward, normalization=normalization,
                 eos_id=eos_id, pad_id=pad_id,
-                stop_ids=tuple(data.stop_ids(tokenizer, policy_dir)))
+                stop_ids=tuple(data.stop_ids(tokenizer, policy_dir)), reward_fn=reward_fn,
+                tokenizer=tokenizer)
+
+
+def _value_source(config) -> tuple:
+  """(where the value model starts, the field that named it): `ppo.value_from`, else the
+  reward model (InstructGPT), else the policy (a reward function alone: a fresh head)."""
+  p = config.ppo
+  if p.value_from:
+    return p.value_from, "ppo.value_from"
+  if p.reward_from:
+    return p.reward_from, "ppo.reward_from"
+  return config.model.init_from, "model.init_from"
 
 
 def in_reward_units(value: Model, normalization: dict) -> Model:
@@ -200,8 +228,8 @@ class Parts:
       m, p = self.models, self.config.ppo
       self._by_prompt_len[prompt_len] = (
           jax.jit(experience_lib.make_experience_fn(
-              m.policy.cfg, m.value.cfg, m.reward.cfg, p, m.normalization, m.finish_ids(),
-              prompt_len)),
+              m.policy.cfg, m.value.cfg, m.reward.cfg if m.reward else None, p,
+              m.normalization, m.finish_ids(), prompt_len)),
           jax.jit(make_update_fn(m.policy.cfg, m.value.cfg, p, self.policy_tx, self.value_tx,
                                  prompt_len, use_ptx=self.use_ptx),
                   in_shardings=(self.shardings, None, None, None),
@@ -260,16 +288,41 @@ def rollout(parts: Parts, policy, batch, key):
   return batching.cut_responses(out, parts.response_buckets)
 
 
-def iteration(parts: Parts, state, batch, ptx_batch, key):
+def experience(parts: Parts, policy, value, kl_coef, batch, out, prompts=None):
+  """The experience of a rollout: the reward function's scores (host), then the jitted
+  experience. Returns (Experience, metrics, `ppo_rewards.Scored` or None)."""
+  m = parts.models
+  scored = None
+  if m.reward_fn is not None:
+    t = time.perf_counter()
+    scored = ppo_rewards.function_scores(parts.mesh, m, batch, out, prompts)
+    fn_time = time.perf_counter() - t
+  exp_fn, _ = parts.fns(batch["input_ids"].shape[1])
+  extra = () if scored is None else (scored.scores,)   # no reward fn: the call of old
+  exp, exp_metrics = exp_fn(policy, m.policy.params, value,
+                            m.reward.params if m.reward else None, kl_coef,
+                            batch["input_ids"], batch["attention_mask"], out.tokens,
+                            out.mask, *extra)
+  if scored is not None:
+    exp_metrics = dict(exp_metrics, time_reward_fn=fn_time)
+  return exp, exp_metrics, scored
+
+
+def iteration(parts: Parts, state, batch, ptx_batch, key, prompts=None, samples: int = 0):
   """One PPO iteration on a global prompt batch: rollout, experience, update, KL step.
 
   Args:
     batch: global `input_ids` / `attention_mask` [B, P] (left padded).
     ptx_batch: global pretraining batch [minibatches * ptx_batch_size, T], or None.
     key: this iteration's PRNG key (rollout and minibatch order).
+    prompts: this process's prompt texts in row order, for a reward function and the
+      samples (None: decoded from the tokens).
+    samples: > 0 adds `metrics["samples"]`, this process's first `samples` rows
+      (`ppo_rewards.sample_rows`), for the caller to pop.
 
   Returns:
-    (state, metrics): the experience and update metrics and each phase's wall time.
+    (state, metrics): the experience and update metrics and each phase's wall time
+    (`time_score` includes the reward function's `time_reward_fn`).
   """
   p = parts.config.ppo
   t0 = time.perf_counter()
@@ -277,12 +330,13 @@ def iteration(parts: Parts, state, batch, ptx_batch, key):
   out = rollout(parts, state["policy"], batch, gen_key)
   jax.block_until_ready(out.tokens)
   t1 = time.perf_counter()
-  exp_fn, update_fn = parts.fns(batch["input_ids"].shape[1])
-  exp, metrics = exp_fn(state["policy"], parts.models.policy.params, state["value"],
-                        parts.models.reward.params, state["kl_ctl"]["kl_coef"],
-                        batch["input_ids"], batch["attention_mask"], out.tokens, out.mask)
+  _, update_fn = parts.fns(batch["input_ids"].shape[1])
+  exp, metrics, scored = experience(parts, state["policy"], state["value"],
+                                    state["kl_ctl"]["kl_coef"], batch, out, prompts)
   jax.block_until_ready(exp)
   t2 = time.perf_counter()
+  rows = ppo_rewards.sample_rows(parts.models, batch, out, exp, samples, prompts, scored) \
+      if samples > 0 else None
   if ptx_batch is None:
     ptx_batch = jnp.zeros((p.minibatches,))
   state, train_metrics = update_fn(state, exp, ptx_batch, perm_key)
@@ -292,6 +346,8 @@ def iteration(parts: Parts, state, batch, ptx_batch, key):
   metrics = dict(metrics, **train_metrics)
   metrics.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                  tokens_per_sec=float(_generated(out.mask)) / max(t1 - t0, 1e-9))
+  if rows is not None:
+    metrics["samples"] = rows
   return state, metrics
 
 
@@ -305,155 +361,126 @@ def exported_policy(parts: Parts, state):
   return state["ema"] if parts.config.ppo.ema_decay > 0 else state["policy"]
 
 
-def evaluate(parts: Parts, state, batches, base_key) -> dict:
-  """Mean RM score and KL to the reference of the exported policy's samples on global eval
-  prompt batches; with an EMA, the raw policy's too (`raw_policy_score`, `raw_policy_kl`)."""
+def evaluate(parts: Parts, state, batches, base_key, prompts=None) -> dict:
+  """Mean score and KL to the reference of the exported policy's samples on global eval
+  prompt batches; with an EMA, the raw policy's too (`raw_policy_score`, `raw_policy_kl`).
+  With a reward function, its mean too (`fn_score`); `prompts` are this process's prompt
+  texts of each batch (None: decoded from the tokens)."""
   batches = list(batches)
+  prompts = list(prompts) if prompts is not None else [None] * len(batches)
   policies = {"": exported_policy(parts, state)}
   if parts.config.ppo.ema_decay > 0:
     policies["raw_policy_"] = state["policy"]
   zero_beta = jnp.zeros_like(state["kl_ctl"]["kl_coef"])   # same signature as training's β
   out_metrics = {}
   for prefix, policy in policies.items():
-    scores, kls = [], []
+    means: dict = {"score": [], "kl": [], "fn_score": []}
     for i, batch in enumerate(batches):
       out = rollout(parts, policy, batch, jax.random.fold_in(base_key, 10**6 + i))
-      exp_fn, _ = parts.fns(batch["input_ids"].shape[1])
-      _, m = exp_fn(policy, parts.models.policy.params, state["value"],
-                    parts.models.reward.params, zero_beta, batch["input_ids"],
-                    batch["attention_mask"], out.tokens, out.mask)
-      scores.append(float(m["score"]))
-      kls.append(float(m["kl"]))
-    if scores:
-      out_metrics.update({f"{prefix}score": float(np.mean(scores)),
-                          f"{prefix}kl": float(np.mean(kls))})
+      _, m, _ = experience(parts, policy, state["value"], zero_beta, batch, out, prompts[i])
+      for key in means:
+        if key in m:
+          means[key].append(float(m[key]))
+    out_metrics.update({f"{prefix}{k}": float(np.mean(v)) for k, v in means.items() if v})
   return out_metrics
 
 
-def load_data(config, tokenizer):
-  """Prompts (train, and eval when given) and, for PPO-ptx, packed pretraining text."""
-  p = config.ppo
-  prompts = data.load_prompts(batching.spec_from_config(config.data.train), tokenizer,
-                              config.data.max_prompt_len)
-  log.info("[ppo] prompts: %s", prompts.report)
-  eval_prompts = None
-  if config.data.eval.path:
-    eval_prompts = data.load_prompts(batching.spec_from_config(config.data.eval), tokenizer,
-                                     config.data.max_prompt_len)
-  ptx = None
-  if p.ptx_coef > 0:
-    if not config.data.ptx.path:
-      raise ConfigError("data.ptx.path", "", "a plain-text dataset when ppo.ptx_coef > 0 "
-                        "(or set --config.ppo.ptx_coef=0 for plain PPO)")
-    ptx = data.load_text(batching.spec_from_config(config.data.ptx), tokenizer,
-                         config.data.max_len, pack=True)
-    log.info("[ppo] pretraining data: %s", ptx.report)
-  return prompts, eval_prompts, ptx
-
-
 def train(config, workdir: str) -> dict:
-  """Runs PPO(-ptx) to completion; exports the policy (EMA when on) to `<workdir>/export`."""
+  """Runs PPO(-ptx) to completion; exports the policy (EMA when on) and the value model to
+  `<workdir>/export`."""
   p, B = config.ppo, config.train.batch_size
-  if not config.model.init_from or not p.reward_from:
-    raise ConfigError("model.init_from" if not config.model.init_from else "ppo.reward_from",
-                      "", "the SFT policy and the reward model (HF dirs or stage workdirs)")
+  if not config.model.init_from:
+    raise ConfigError("model.init_from", "", "the SFT policy (an HF dir or its stage workdir)")
+  if not p.reward_from and not p.reward_fn:
+    raise ConfigError("ppo.reward_from", "", "the reward model (an HF dir or its stage "
+                      "workdir), or a Python reward function in ppo.reward_fn=file.py:name")
+  # The user's code and optional packages fail here, before any model loads.
+  reward_fn = reward_fns.load(p.reward_fn) if p.reward_fn else None
+  if config.train.wandb:
+    metrics_lib.import_wandb(config.train.wandb)
   mesh = model_init.make_mesh(config)
   tokenizer = model_init.load_tokenizer(
       config, workdir_lib.resolve_model_dir(config.model.init_from, "causal"))
-  _check_tokenizers(config, tokenizer)
-  prompts, eval_prompts, ptx = load_data(config, tokenizer)
-  parts = build(config, mesh, load_models(config, mesh, tokenizer), use_ptx=ptx is not None)
-  _check_format(config, prompts, parts.models.normalization)
+  ppo_setup.check_tokenizers(config, tokenizer)
+  prompts, eval_prompts, ptx = ppo_setup.load_data(config, tokenizer)
+  parts = build(config, mesh, load_models(config, mesh, tokenizer, reward_fn),
+                use_ptx=ptx is not None)
+  if parts.models.reward is not None:
+    ppo_setup.check_format(config, prompts, parts.models.normalization)
   # Prompts are left padded: cut to the prompt-length bucket of each batch; responses are
-  # cut after the rollout to the bucket of the longest one (rows that stopped early).
+  # cut after the rollout to the bucket of the longest one (rows that stopped early). Each
+  # row carries its index ("row", never cut) so the reward function and the samples get
+  # the prompt text the dataset holds.
   prompt_bucketing = batching.length_bucketing(config, ("input_ids", "attention_mask"),
                                                side="left")
-  prompt_it = batching.iterator(prompts.arrays, B, config.seed, prompt_bucketing)
+  prompt_it = batching.iterator(ppo_setup.with_rows(prompts), B, config.seed,
+                                prompt_bucketing)
   ptx_it = batching.iterator(ptx.arrays, p.minibatches * p.ptx_batch_size, config.seed + 1) \
       if ptx is not None else None
   base_key = jax.random.PRNGKey(config.seed)
+  logs = ppo_setup.RunLogs(config, workdir)
 
   def step(state, index):
-    batch = sharding.host_to_global(mesh, next(prompt_it))
+    batch, texts = ppo_setup.split_rows(mesh, next(prompt_it), prompts.texts)
     ptx_batch = sharding.host_to_global(mesh, next(ptx_it)) if ptx_it is not None else None
     state, metrics = iteration(parts, state, batch, ptx_batch,
-                               jax.random.fold_in(base_key, index))
-    metrics.update(_warn_bounds(index, float(metrics["kl"]), float(metrics["score"]), p))
+                               jax.random.fold_in(base_key, index), prompts=texts,
+                               samples=logs.samples_due(index))
+    logs.write_samples(index, metrics.pop("samples", None))
+    metrics.update(ppo_setup.warn_bounds(index, float(metrics["kl"]), float(metrics["score"]),
+                                         p))
     return state, metrics
 
   def run_eval(state):
     if eval_prompts is None:
       return {}
-    return evaluate(parts, state, (sharding.host_to_global(mesh, b) for b in
-                                   batching.eval_batches(eval_prompts.arrays, B,
-                                                         config.train.eval_batches,
-                                                         prompt_bucketing)), base_key)
+    split = [ppo_setup.split_rows(mesh, b, eval_prompts.texts)
+             for b in batching.eval_batches(ppo_setup.with_rows(eval_prompts), B,
+                                            config.train.eval_batches, prompt_bucketing)]
+    return evaluate(parts, state, [b for b, _ in split], base_key,
+                    prompts=[t for _, t in split])
 
   def finish(state):
-    out = workdir_lib.export(workdir, parts.models.policy.cfg, exported_policy(parts, state),
-                             tokenizer, "causal")
-    log.info("[ppo] exported policy to %s", out)
+    for name, out in export_models(parts, state, workdir, tokenizer).items():
+      log.info("[ppo] exported %s to %s", name, out)
 
   m = parts.models
-  loop.announce("ppo", mesh, {"policy": m.policy, "reward": m.reward, "value": m.value},
+  loaded = {"policy": m.policy, "reward": m.reward, "value": m.value}
+  loop.announce("ppo", mesh, {k: v for k, v in loaded.items() if v is not None},
                 dict(rollout_batch=B, minibatches=p.minibatches, epochs=p.epochs,
                      prompt_len=config.data.max_prompt_len, new_tokens=p.max_new_tokens,
                      ptx_batch=p.ptx_batch_size if ptx else 0, iterations=int(p.iterations)))
+  if m.reward_fn is not None:
+    log.info("[ppo] reward: %s%s", f"{p.reward_fn_weight} * {m.reward_fn.spec}",
+             f" + {p.reward_model_weight} * normalised RM score" if m.reward else "")
   stage = loop.Stage(name="ppo", total_steps=int(p.iterations), init_state=parts.init_state,
                      abstract_state=parts.abstract_state, step=step, evaluate=run_eval,
                      data_state=lambda: dict(prompts=prompt_it.state(),
                                              ptx=ptx_it.state() if ptx_it else None),
-                     restore_data_state=lambda d: _restore_iters(d, prompt_it, ptx_it),
+                     restore_data_state=lambda d: ppo_setup.restore_iters(d, prompt_it,
+                                                                          ptx_it),
                      finish=finish)
-  return loop.run(stage, workdir, config.train)
+  with logs, metrics_lib.attached(workdir, "ppo", [logs.wandb]):
+    return loop.run(stage, workdir, config.train)
 
 
-def _check_tokenizers(config, tokenizer) -> None:
-  """The RM (and value model) must read the policy's token ids: same tokenizer, or fail now."""
-  p = config.ppo
-  checks = [("reward model",
-             workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from"))]
-  if p.value_from and p.value_from != p.reward_from:
-    checks.append(("value model",
-                   workdir_lib.resolve_model_dir(p.value_from, "scalar", "ppo.value_from")))
-  for name, model_dir in checks:
-    if not workdir_lib.has_tokenizer(model_dir):
-      log.warning("[ppo] no tokenizer saved next to the %s (%s): cannot check that it "
-                  "matches the policy's", name, model_dir)
-      continue
-    other = workdir_lib.read_tokenizer(model_dir)
-    data.check_same_tokenizer(tokenizer, other, names=("policy", name))
+def export_models(parts: Parts, state, workdir: str, tokenizer) -> dict:
+  """Writes the exported policy (`export/policy`) and the value model (`export/value_model`)
+  in HF format; returns name -> directory.
 
-
-def _check_format(config, prompts, normalization: dict) -> None:
-  """The RM must score what PPO samples: chat prompts for a chat-trained RM, plain for plain."""
-  trained_on = normalization.get("format")
-  if trained_on and trained_on != prompts.format:
-    raise UserError(f"data.train.path={config.data.train.path} holds {prompts.format} prompts "
-                    f"but the reward model ppo.reward_from={config.ppo.reward_from} was trained "
-                    f"on {trained_on} rows: it would score text in a format it never saw — use "
-                    "one format for every stage")
-
-
-def _warn_bounds(index: int, kl: float, score: float, p) -> dict:
-  """Loud log lines (and 0/1 metrics) when KL or the RM score leave `ppo.*_warn` bounds."""
-  flags = {}
-  for name, value, bound, why in (
-      ("kl", kl, p.kl_warn, "the policy is drifting far from the SFT model"),
-      ("score", score, p.score_warn, "the policy may be exploiting the reward model")):
-    if not bound:
-      continue
-    exceeded = not np.isfinite(value) or abs(value) > bound
-    flags[f"{name}_warn"] = int(exceeded)
-    if exceeded:
-      log.warning("[ppo] WARNING iteration %d: %s=%.4g is beyond ppo.%s_warn=%g: %s "
-                  "(lower optim.lr / raise ppo.kl_coef)", index + 1, name, value, name,
-                  bound, why)
-  return flags
-
-
-def _restore_iters(d: dict, prompt_it, ptx_it) -> None:
-  if d.get("prompts"):
-    prompt_it.restore(d["prompts"])
-  if ptx_it is not None and d.get("ptx"):
-    ptx_it.restore(d["ptx"])
+  The value model is an HF sequence classifier whose score at a sequence's last token is
+  V in reward units. HF's `score` layer has no bias, so (as for a reward model) the head's
+  bias is folded into `reward_normalization.json` as `mean = -bias`: transformers' score
+  minus that mean is our value, and `ppo.value_from=<that dir>` restores it exactly.
+  """
+  m = parts.models
+  value = dict(state["value"], head=dict(state["value"]["head"]))
+  bias = float(np.asarray(workdir_lib.host_copy(value["head"]["bias"])).reshape(-1)[0])
+  value["head"]["bias"] = jnp.zeros_like(value["head"]["bias"])
+  return {
+      "policy": workdir_lib.export(workdir, m.policy.cfg, exported_policy(parts, state),
+                                   tokenizer, "causal"),
+      "value model": workdir_lib.export(
+          workdir, m.value.cfg, value, tokenizer, "scalar", name=VALUE_MODEL_EXPORT,
+          normalization=dict(mean=-bias, std=1.0, gain=False, n=0)),
+  }

@@ -1,0 +1,35 @@
+"""The flags `launch/sample.py` and `launch/evaluate.py` share: how to sample, which prompts
+to read, the mesh and cluster, and one-line errors. Imported by those scripts only."""
+
+import sys
+
+from absl import flags
+
+TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1.0 = off).")
+TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
+NEW = flags.DEFINE_integer("max_new_tokens", 128, "Longest response in tokens.")
+COLUMN = flags.DEFINE_string("prompt_column", "", "Column holding the prompt text (default "
+                             "'prompt', or chat 'messages').")
+MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 256, "Longest prompt in tokens; a longer "
+                                  "one is an error (or skipped with --on_bad_row=skip).")
+BAD = flags.DEFINE_enum("on_bad_row", "error", ["error", "skip"], "An unusable prompt row: "
+                        "stop with its location, or skip it.")
+MESH = flags.DEFINE_string("mesh", "data=-1", "Mesh axes, e.g. data=-1 or data=2,fsdp=4.")
+DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                          "Compute dtype (auto: bfloat16 on an accelerator).")
+COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+NPROC = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def user_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    user_error(f"{str(e).splitlines()[0]} (--helpfull lists the flags)")
