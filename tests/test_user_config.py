@@ -8,6 +8,7 @@ warning. Plus the user-data defaults (lengths, K from the data, bf16 on accelera
 
 from __future__ import annotations
 
+
 import os
 
 import numpy as np
@@ -96,3 +97,54 @@ def test_k_is_taken_from_the_data(tmp_path):
   got = data.load_comparisons(data.DataSpec(path=ranked), tok, 8, 16, 0).arrays
   assert got["input_ids"].shape[1] == 5
   np.testing.assert_array_equal(got["valid"].sum(1), [3, 5])
+
+
+def test_too_little_ptx_text_names_the_file_and_the_fields(tmp_path):
+  base = helpers.tiny_hf_llama(str(tmp_path / "base"))
+  prompts = helpers.write_jsonl(str(tmp_path / "p.jsonl"),
+                                [dict(prompt=r["prompt"]) for r in helpers.copy_rows(16)])
+  ptx = helpers.write_jsonl(str(tmp_path / "ptx.jsonl"), [dict(text="a b c d e")] * 64)
+  fn = tmp_path / "fn.py"
+  fn.write_text("def score(prompts, responses):\n  return [0.0] * len(responses)\n")
+  proc = helpers.run_launcher(
+      "configs/ppo.py", str(tmp_path / "ppo"), f"--config.model.init_from={base}",
+      f"--config.ppo.reward_fn={fn}:score", f"--config.data.train.path={prompts}",
+      f"--config.data.ptx.path={ptx}", "--config.train.batch_size=8",
+      "--config.data.max_prompt_len=8", "--config.data.max_len=64",
+      "--config.ppo.max_new_tokens=8")
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert f"data.ptx.path={ptx}: 64 rows packed into" in errors[0], errors[0]
+  assert "ppo.minibatches=4 x ppo.ptx_batch_size=8" in errors[0], errors[0]
+
+
+def test_readme_model_size_rows_give_valid_meshes():
+  """Each override row of the README's "Real model sizes" table validates and builds its
+  mesh on the number of devices the row names (the suite's fake CPU devices)."""
+  import jax
+  from rlhf_jax import sharding
+  readme = open(os.path.join(helpers.REPO, "README.md")).read()
+  rows = [line for line in readme.splitlines()
+          if line.startswith("| ~") and "--config.mesh" in line]
+  assert len(rows) == 5
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    devices, overrides = int(cells[2]), cells[3].strip("`").split()
+    for make in (config_lib.sft_config, config_lib.rm_config, config_lib.ppo_config):
+      c = make()
+      c.task = ""
+      c.data.train.path = "user/dataset"
+      if "norm" in c.data:
+        c.data.norm.path = "user/demos"
+      for override in overrides:
+        path, value = override[len("--config."):].split("=")
+        *parents, leaf = path.split(".")
+        node = c
+        for part in parents:
+          node = node[part]
+        node[leaf] = type(node[leaf])(value == "True" if value in ("True", "False")
+                                      else int(value))
+      config_lib.validate(c)
+      mesh = sharding.make_mesh(dict(c.mesh), devices=jax.devices()[:devices])
+      assert mesh.size == devices, row

@@ -41,7 +41,20 @@ def load_data(config, tokenizer):
     ptx = data.load_text(batching.spec_from_config(config.data.ptx), tokenizer,
                          config.data.max_len, pack=True)
     log.info("[ppo] pretraining data: %s", ptx.report)
+    _check_ptx_size(config, ptx)
   return prompts, eval_prompts, ptx
+
+
+def _check_ptx_size(config, ptx) -> None:
+  """Enough packed pretraining text for one update's ptx batches, or a line that says so."""
+  p = config.ppo
+  need, have = p.minibatches * p.ptx_batch_size, len(ptx.arrays["input_ids"])
+  if have < need:
+    raise UserError(
+        f"data.ptx.path={config.data.ptx.path}: {ptx.report.n_used} rows packed into {have} "
+        f"sequences of data.max_len={config.data.max_len} tokens, fewer than the {need} one "
+        f"PPO update needs (ppo.minibatches={p.minibatches} x ppo.ptx_batch_size="
+        f"{p.ptx_batch_size}); add pretraining text, or lower ppo.ptx_batch_size")
 
 
 class RunLogs:
