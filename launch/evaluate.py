@@ -44,15 +44,11 @@ flags.mark_flags_as_required(["policy", "baseline", "prompts"])
 
 def main(argv):
   del argv
-  from rlhf_jax import log_setup
-  log_setup.configure()
-  from rlhf_jax import compare, distributed, sample_responses
+  from rlhf_jax import compare
   from rlhf_jax.errors import UserError
   try:
-    distributed.maybe_initialize(sf.COORD.value, sf.NPROC.value, sf.PID.value)
-    settings = sample_responses.Settings(
-        num_samples=1, max_new_tokens=sf.NEW.value, temperature=_TEMP.value, top_p=sf.TOP_P.value,
-        top_k=sf.TOP_K.value, seed=_SEED.value, batch_size=_BATCH.value)
+    sf.start()
+    settings = sf.settings(1, _TEMP.value, _SEED.value, _BATCH.value)
     request = compare.Request(
         policy=_POLICY.value, baseline=_BASELINE.value, prompts=_PROMPTS.value,
         reward_model=_RM.value, reward_fn=_RFN.value, out_dir=_OUT.value, settings=settings,

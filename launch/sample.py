@@ -41,15 +41,11 @@ flags.mark_flags_as_required(["model", "prompts", "out"])
 
 def main(argv):
   del argv
-  from rlhf_jax import log_setup
-  log_setup.configure()
-  from rlhf_jax import distributed, sample_responses
+  from rlhf_jax import sample_responses
   from rlhf_jax.errors import UserError
   try:
-    distributed.maybe_initialize(sf.COORD.value, sf.NPROC.value, sf.PID.value)
-    settings = sample_responses.Settings(
-        num_samples=_NUM.value, max_new_tokens=sf.NEW.value, temperature=_TEMP.value,
-        top_p=sf.TOP_P.value, top_k=sf.TOP_K.value, seed=_SEED.value, batch_size=_BATCH.value)
+    sf.start()
+    settings = sf.settings(_NUM.value, _TEMP.value, _SEED.value, _BATCH.value)
     summary = sample_responses.run(_MODEL.value, _PROMPTS.value, _OUT.value, settings,
                                    sf.MESH.value, sf.COLUMN.value, sf.MAX_PROMPT.value,
                                    sf.BAD.value, sf.DTYPE.value)

@@ -22,6 +22,21 @@ NPROC = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def start():
+  """Logging and (on clusters) jax.distributed, as launch/train.py starts."""
+  from rlhf_jax import distributed, log_setup
+  log_setup.configure()
+  distributed.maybe_initialize(COORD.value, NPROC.value, PID.value)
+
+
+def settings(num_samples: int, temperature: float, seed: int, batch_size: int):
+  """`sample_responses.Settings` from these flags and the script's own."""
+  from rlhf_jax import sample_responses
+  return sample_responses.Settings(
+      num_samples=num_samples, max_new_tokens=NEW.value, temperature=temperature,
+      top_p=TOP_P.value, top_k=TOP_K.value, seed=seed, batch_size=batch_size)
+
+
 def user_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)

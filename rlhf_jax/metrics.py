@@ -157,7 +157,30 @@ def read_metrics(workdir: str | os.PathLike, stage: Optional[str] = None) -> lis
   return records
 
 
-class MetricsWriter:
+class JsonlAndBoard:
+  """What the workdir's writers share: a jsonl file and a TensorBoard writer (either may be
+  None, e.g. on processes other than 0), closed once, usable as a context manager."""
+
+  _file = None
+  _tb = None
+
+  def close(self) -> None:
+    """Flushes and closes the files (idempotent)."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "JsonlAndBoard":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class MetricsWriter(JsonlAndBoard):
   """Appends scalar metrics of one stage to metrics.jsonl and TensorBoard.
 
   Attributes:
@@ -241,20 +264,6 @@ class MetricsWriter:
       sink.log(int(step), scalars)
     return record
 
-  def close(self) -> None:
-    """Flushes and closes the files (idempotent)."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-
-  def __enter__(self) -> "MetricsWriter":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 def _key(workdir, stage: str) -> tuple:

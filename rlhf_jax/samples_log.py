@@ -30,7 +30,7 @@ def read_samples(workdir: str | os.PathLike) -> list:
   return metrics.read_jsonl(os.path.join(os.fspath(workdir), SAMPLES_FILE))
 
 
-class SamplesWriter:
+class SamplesWriter(metrics.JsonlAndBoard):
   """Appends sampled rows to samples.jsonl, TensorBoard text and (optionally) W&B."""
 
   def __init__(self, workdir: str | os.PathLike, stage: str, enabled: Optional[bool] = None,
@@ -91,20 +91,6 @@ class SamplesWriter:
                                                       for r in records])
     return records
 
-  def close(self) -> None:
-    """Flushes and closes the files (idempotent)."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-
-  def __enter__(self) -> "SamplesWriter":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 def markdown_table(columns: Sequence[str], records: Sequence[dict]) -> str:
