@@ -8,13 +8,21 @@ state's shardings and donation.
 
     python bench/ppo_iteration.py --shape tiny --iterations 3
     python bench/ppo_iteration.py --shape gpt2 --iterations 1 --trl    # + TRL's PPOTrainer
+    python bench/ppo_iteration.py --shape gpt2 --iterations 1 --trl --tunix   # + Tunix
     python bench/ppo_iteration.py --shape gpt2 --generate-only --batch 16 --new-tokens 128
+    # long rollouts with EOS on (rows finish at different times), after the no-EOS call
+    python bench/ppo_iteration.py --shape gpt2 --generate-only --long-rollouts 256,512
 
 Every response is generated to its full length (no EOS during the rollout; TRL's side does
 the same), so both sides do the same work. PPO-ptx is off by default (TRL has no ptx term).
 With `--trl`, `bench/trl_peer.py` runs in `bench/.venv-trl` (see that file) as a subprocess
 after the JAX side, with the same shape, batch, lengths, epochs and minibatches, and the row
-reports the ratio of episodes/s.
+reports the ratio of episodes/s. `--tunix` does the same with `bench/tunix_peer.py` (Tunix's
+`PPOLearner`, a FLOP-matched Llama-style model) in `bench/.venv-tunix`, phases split alike.
+
+Long rollouts (`--generate-only --long-rollouts 256,512`, bench/long_rollouts.py): EOS on,
+rows finish at different times; reports decode steps run, the share of row-steps spent on
+rows that had already finished, and useful tokens/s.
 
 Phase FLOPs (model FLOPs as in `bench/common.py`; MFU against the f32 matmul peak measured in
 the same run): generate = prefill of P-1 prompt tokens + N one-token decode steps (each
@@ -40,8 +48,9 @@ import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
+TUNIX_PYTHON = os.path.join(HERE, ".venv-tunix", "bin", "python")
 
-SECTION = "## PPO iteration: episodes/s, phase split and MFU (vs TRL 0.19 PPOTrainer)"
+SECTION = "## PPO iteration vs TRL 0.19 and Tunix 0.1.7: episodes/s, phase split and MFU"
 INTRO = """
 `bench/ppo_iteration.py`: one PPO iteration, `trainers.ppo.iteration` on the parts of
 `trainers.ppo.build` (rollout with `sampling.generate`, experience, update + the KL step),
@@ -53,12 +62,17 @@ same run (`bench/common.py`); the generation roofline = (weight bytes in the com
 + whole KV cache bytes) per decode step / measured copy bandwidth. `compiles` = XLA backend
 compilations during the timed iterations (must be 0). TRL: `bench/trl_peer.py` (TRL 0.19
 `PPOTrainer`, PyTorch, same shapes/batch/lengths/epochs/minibatches, random weights, the
-best over `--torch-threads`), run in the same invocation after the JAX side.
+best over `--torch-threads`), run in the same invocation after the JAX side. Tunix:
+`bench/tunix_peer.py` (Tunix 0.1.7 `PPOLearner`, a Llama-style model with GPT-2 small's
+FLOPs per token, same batch/lengths/epochs/minibatches; it rolls out, scores and trains
+one minibatch at a time), phases timed alike (generate / score / train, seconds).
+Rows before 2026-12-01 are in the section "PPO iteration: ... (vs TRL 0.19 PPOTrainer)".
 """
 HEADER = ("| date | shape | B × (P+N) | epochs × mb | iter s | episodes/s | generate s (MFU) | "
           "score s (MFU) | train s (MFU) | gen tok/s (roofline) | compiles | TRL episodes/s "
-          "| JAX / TRL | matmul peak, bandwidth | machine, load | versions | command |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+          "| JAX / TRL | Tunix episodes/s (gen, score, train s) | JAX / Tunix "
+          "| matmul peak, bandwidth | machine, load | versions | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 GEN_SECTION = "## Generation roofline: `sampling.generate` vs the memory-bandwidth bound"
 GEN_INTRO = """
@@ -163,34 +177,52 @@ def build(cfg, args, mesh):
   return state, iteration, generate, prompts, ref
 
 
-def run_trl(args) -> dict | None:
-  """Runs bench/trl_peer.py in its venv for each thread count; the fastest, or None."""
-  if not os.path.exists(TRL_PYTHON):
-    print(f"# TRL peer skipped: {TRL_PYTHON} not found (see bench/trl_peer.py)", flush=True)
+def run_peer(name: str, python: str, script: str, args, thread_counts, timeout: int
+             ) -> dict | None:
+  """Runs a peer script in its venv once per thread count; the fastest RESULT, or None."""
+  if not os.path.exists(python):
+    print(f"# {name} peer skipped: {python} not found (see bench/{script})", flush=True)
     return None
   best = None
-  for threads in [int(t) for t in args.torch_threads.split(",")]:
-    cmd = [TRL_PYTHON, os.path.join(HERE, "trl_peer.py"), "--shape", args.shape,
+  for threads in thread_counts:
+    cmd = [python, os.path.join(HERE, script), "--shape", args.shape,
            "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--epochs", str(args.epochs),
            "--minibatches", str(args.minibatches), "--iterations", str(args.iterations),
            "--threads", str(threads)]
     print("# " + " ".join(cmd), flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          timeout=args.trl_timeout)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      print(f"# {name} peer timed out after {timeout} s", flush=True)
+      continue
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-      print(f"# TRL peer failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+      print(f"# {name} peer failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
             f"{proc.stderr[-3000:]}", flush=True)
       continue
     r = json.loads(lines[-1][len("RESULT "):])
-    print(f"trl ({threads} thr): iteration {r['iter_s']:.2f} s (runs "
-          f"{', '.join(f'{t:.2f}' for t in r['times'])}), {r['episodes_s']:.3f} episodes/s, "
-          f"generate {r['generate_s']:.2f} s", flush=True)
+    split = "".join(f", {k} {r[k + '_s']:.2f} s" for k in ("generate", "score", "train")
+                    if k + "_s" in r)
+    print(f"{name} ({r['threads']} thr): iteration {r['iter_s']:.2f} s (runs "
+          f"{', '.join(f'{t:.2f}' for t in r['times'])}), {r['episodes_s']:.3f} episodes/s"
+          f"{split}", flush=True)
     if best is None or r["episodes_s"] > best["episodes_s"]:
       best = r
   return best
+
+
+def run_trl(args) -> dict | None:
+  """bench/trl_peer.py in bench/.venv-trl, best over `--torch-threads`."""
+  return run_peer("trl", TRL_PYTHON, "trl_peer.py", args,
+                  [int(t) for t in args.torch_threads.split(",")], args.trl_timeout)
+
+
+def run_tunix(args) -> dict | None:
+  """bench/tunix_peer.py in bench/.venv-tunix (XLA picks its own threads)."""
+  return run_peer("tunix", TUNIX_PYTHON, "tunix_peer.py", args, [os.cpu_count()],
+                  args.trl_timeout)
 
 
 def main(argv=None) -> dict:
@@ -201,13 +233,20 @@ def main(argv=None) -> dict:
   ap.add_argument("--generate-only", action="store_true",
                   help="time sampling.generate alone (tokens/s and its roofline)")
   ap.add_argument("--trl", action="store_true", help="also run TRL's PPOTrainer (peer)")
+  ap.add_argument("--tunix", action="store_true", help="also run Tunix's PPOLearner (peer)")
+  ap.add_argument("--long-rollouts", default="", metavar="N,N",
+                  help="with --generate-only: also time these response lengths with EOS on")
+  ap.add_argument("--eos-mean", type=float, default=0.5,
+                  help="long rollouts: target mean response length as a fraction of N")
   ap.add_argument("--torch-threads", default=str(os.cpu_count()),
                   help="comma-separated torch thread counts for the peer; fastest reported")
-  ap.add_argument("--trl-timeout", type=int, default=3600)
+  ap.add_argument("--trl-timeout", type=int, default=3600, help="per peer run, seconds")
   ap.add_argument("--peak-n", type=int, default=2048)
   ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
   ap.add_argument("--append", metavar="MD", help="append the row to this markdown file")
   args = ap.parse_args(argv)
+  if args.long_rollouts and not args.generate_only:
+    ap.error("--long-rollouts needs --generate-only (the peers run without EOS)")
 
   import jax
   from rlhf_jax import models, sharding
@@ -229,7 +268,8 @@ def main(argv=None) -> dict:
   print(f"# setup {time.perf_counter() - t0:.1f} s; decode step reads >= "
         f"{step_bytes / 2**20:.0f} MiB -> roofline {roofline_tps:.0f} tok/s", flush=True)
   flops = phase_flops(cfg, B, P, N, args.epochs)
-  result = dict(shape=args.shape, batch=B, prompt_len=P, new_tokens=N, peak=peak,
+  result = dict(shape=args.shape, batch=B, prompt_len=P, new_tokens=N, epochs=args.epochs,
+                minibatches=args.minibatches, dtype=args.dtype, peak=peak,
                 bandwidth=bw, roofline_tps=roofline_tps, load_start=load_start)
 
   if args.generate_only:
@@ -259,6 +299,12 @@ def main(argv=None) -> dict:
            f"| {result['generate_mfu']:.1%} | {cc.count} "
            + common.context_cells([load_start, common.load()], argv, __file__))
     common.publish_rows(args.append, GEN_SECTION, GEN_INTRO, GEN_HEADER, [row])
+    if args.long_rollouts:
+      _write_json(args, result)   # kept if a long rollout overruns the step's time limit
+      import long_rollouts
+      result["long_rollouts"] = long_rollouts.run(
+          cfg, state["policy"], prompts[0],
+          [int(n) for n in args.long_rollouts.split(",")], args, argv, __file__, args.dtype)
     _write_json(args, result)
     return result
 
@@ -290,23 +336,32 @@ def main(argv=None) -> dict:
         f"{med['train']:.2f} s (MFU {mfu['train']:.1%}); compiles after warm-up {cc.count}",
         flush=True)
   load_mid = common.load()
+  _write_json(args, result)   # the JAX figures survive a peer that overruns a time limit
   trl = run_trl(args) if args.trl else None
   result["trl"] = trl
   ratio = result["episodes_s"] / trl["episodes_s"] if trl else float("nan")
   result["ratio"] = ratio
   if trl:
     print(f"JAX / TRL episodes/s: {ratio:.2f}x", flush=True)
+  tunix = run_tunix(args) if args.tunix else None
+  result["tunix"] = tunix
+  tunix_ratio = result["episodes_s"] / tunix["episodes_s"] if tunix else float("nan")
+  result["tunix_ratio"] = tunix_ratio
+  if tunix:
+    print(f"JAX / Tunix episodes/s: {tunix_ratio:.2f}x", flush=True)
   trl_cell = (f"{trl['episodes_s']:.3f} ({trl['threads']} thr; gen {trl['generate_s']:.1f} s, "
               f"rest {trl['iter_s'] - trl['generate_s']:.1f} s)") if trl else "—"
+  tunix_cell = (f"{tunix['episodes_s']:.3f} ({tunix['generate_s']:.2f}, {tunix['score_s']:.2f}, "
+                f"{tunix['train_s']:.2f})") if tunix else "—"
   row = (f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {B} × ({P}+{N}) "
          f"| {args.epochs} × {args.minibatches} "
          f"| {med['total']:.2f} | {result['episodes_s']:.3f} "
          f"| {med['generate']:.2f} ({mfu['generate']:.1%}) | {med['score']:.2f} ({mfu['score']:.1%}) "
          f"| {med['train']:.2f} ({mfu['train']:.1%}) | {result['gen_tps']:.0f} ({roofline_tps:.0f}) "
-         f"| {cc.count} | {trl_cell} | {ratio:.2f}× "
+         f"| {cc.count} | {trl_cell} | {ratio:.2f}× | {tunix_cell} | {tunix_ratio:.2f}× "
          f"| {peak / 1e9:.0f} GFLOP/s, {bw / 1e9:.1f} GB/s "
          + common.context_cells([load_start, load_mid, common.load()], argv, __file__,
-                                f", {trl['versions']}" if trl else ""))
+                                "".join(f", {r['versions']}" for r in (trl, tunix) if r)))
   common.publish_rows(args.append, SECTION, INTRO, HEADER, [row])
   _write_json(args, result)
   return result

@@ -6,6 +6,11 @@ r"""Trains one InstructGPT stage: SFT, reward model or PPO(-ptx).
 Intentionally short: the logic lives in `rlhf_jax` where it is tested. Clusters: on a TPU pod
 or under SLURM `jax.distributed` is initialised automatically; elsewhere pass
 --coordinator_address/--num_processes/--process_id (see launch/*.sh).
+
+Each process holds a lock in the workdir while it runs (`rlhf_jax.run_lock`): a second run
+on a workdir a live run holds is refused. In a multi-process run, a process that fails
+prints its error and leaves at once (`os._exit`), skipping JAX's shutdown barrier, so its
+peers see it gone and fail too (`rlhf_jax.distributed`) instead of waiting.
 """
 
 import logging
@@ -23,6 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Multi-process runs: seconds after which a silent process is "
+    "declared dead and the others exit (the bound on a lost process stalling the job).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -114,6 +122,32 @@ def _overridden(argv) -> tuple:
                if a.startswith("--config."))
 
 
+def _lock_workdir(workdir: str):
+  """Takes this process's workdir lock; every process of the run refuses if any could not."""
+  import jax
+  from rlhf_jax import distributed, run_lock
+  index, count = jax.process_index(), jax.process_count()
+  held = run_lock.try_acquire(workdir, index, count)
+  if distributed.all_agree(held is not None):
+    return held
+  if held is None:
+    raise run_lock.busy_error(workdir, run_lock.lock_path(workdir, index))
+  held.release()
+  raise run_lock.WorkdirBusy(f"--workdir={workdir} is in use by a live run (another process "
+                             "of this run found its lock held; its error names the holder)")
+
+
+def _fail(code: int, message: str) -> None:
+  """Exits with `message`; in a multi-process run at once, without JAX's shutdown barrier
+  (which would wait for peers that are stuck in a collective with this process)."""
+  import jax
+  print(message, file=sys.stderr, flush=True)
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    sys.stdout.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 def main(argv):
   del argv
   from rlhf_jax import log_setup
@@ -122,11 +156,27 @@ def main(argv):
   from rlhf_jax import run
   from rlhf_jax.errors import UserError
   try:
-    distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
-    result = run.run(_config_or_exit(), _WORKDIR.value, overridden=_overridden(sys.argv))
+    distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value,
+                                 heartbeat_timeout_seconds=_HEARTBEAT.value)
+  except ValueError as e:
+    _user_error(str(e))
+  try:
+    config = _config_or_exit()
+    held = _lock_workdir(_WORKDIR.value)
+    result = run.run(config, _WORKDIR.value, overridden=_overridden(sys.argv))
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(2, f"error: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    import jax
+    if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+      raise
+    import traceback
+    traceback.print_exc()
+    _fail(1, f"error: process {jax.process_index()} of {jax.process_count()} failed "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:500]}); if another process "
+          "died first, its log has the cause; rerun the same command to resume from the "
+          "last checkpoint")
+  held.release()
   if result.get("preempted"):
     logging.info("preempted: checkpoint written; rerun the same command to resume")
 

@@ -12,7 +12,7 @@ import ml_collections
 
 from rlhf_jax.errors import ConfigError
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 
 
 # The logical columns a dataset row may have (`data.sources.ROLES`); each can be renamed.
@@ -56,6 +56,15 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   # evaluation or PPO (InstructGPT's SFT used residual dropout 0.2).
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
+  # LoRA (rlhf_jax/models/lora.py): rank 0 = off (full fine-tuning). With rank > 0 only the
+  # adapters (and a value model's head) are trained and held in the optimiser state; the
+  # base stays frozen (it is also PPO's reference); the export is the merged model.
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,             # the update is (alpha / rank) * A @ B
+      targets="",             # HF module names, e.g. "q_proj,v_proj" or "all"; '' = q/v
+      export_adapter=True,    # also write export/adapter (PEFT format) next to the merge
+  ))
   c.tokenizer = ""              # HF tokenizer dir; '' = the one next to init_from / the task's
 
   c.data = ml_collections.ConfigDict()
@@ -134,7 +143,8 @@ def _check_spec(c, path: str, required: bool):
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value is not allowed."""
   _choice(c, "stage", STAGES)
-  for stage, block in (("rm", "rm"), ("ppo", "ppo")):
+  for stage, block in (("rm", "rm"), ("ppo", "ppo"), ("dpo", "dpo"),
+                       ("grpo", "grpo")):
     if c.stage == stage and block not in c:
       raise ConfigError("stage", c.stage, f"the stage of this config file (it has no "
                         f"`{block}` block: use configs/{stage}.py)")
@@ -150,6 +160,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     value = c.model[f]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
       raise ConfigError(f"model.{f}", value, "a rate in [0, 1)")
+  _check_lora(c)
   if c.model.init_from and not os.path.isdir(os.path.expanduser(c.model.init_from)):
     raise ConfigError("model.init_from", c.model.init_from,
                       "a local HF model directory or a previous stage's workdir")
@@ -215,6 +226,7 @@ def ppo_config() -> ml_collections.ConfigDict:
       reward_model_weight=1.0,  # score = reward_model_weight * normalised RM score + ...
       reward_fn_weight=1.0,     # ... + reward_fn_weight * reward_fn's score
       value_from="",          # value model init ('' = the reward model, as in InstructGPT)
+      value_lora=True,        # with model.lora.rank > 0: LoRA (+ its head) for the value model too
       iterations=100,         # rollout + update rounds
       max_new_tokens=256,     # response tokens per rollout (prompt + response <= data.max_len)
       temperature=1.0,
@@ -250,6 +262,95 @@ def ppo_config() -> ml_collections.ConfigDict:
   return c
 
 
+def dpo_config() -> ml_collections.ConfigDict:
+  """DPO on chosen/rejected pairs or K-way rankings (the RM's data), from an SFT model.
+
+  `dpo.rankings` says how a K-way ranking becomes a loss; it is a field of its own (not a
+  `dpo.loss` value) because it is about the data, and both choices are DPO on pairs:
+  `plackett_luce` (default) is the likelihood of the whole ranking under the Plackett–Luce
+  model DPO derives from, so a ranking counts once and its pairs are not treated as
+  independent observations; `all_pairs` is the RM's reading of the same rows (InstructGPT
+  eq. 1: each of a prompt's pairs a term, averaged per prompt), which IPO and cDPO label
+  smoothing need, being defined on pairs only.
+  """
+  c = base_config("dpo")
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,               # β: strength of the KL tie to the reference (the init model)
+      # How a row with K ranked responses becomes a loss (chosen/rejected rows are K = 2,
+      # where both are DPO exactly): plackett_luce = the ranking's Plackett-Luce likelihood
+      # (Rafailov et al. App. A.3; ties by Breslow) | all_pairs = every pair with different
+      # ranks, averaged per prompt as the RM's loss (InstructGPT eq. 1): needed for ipo /
+      # label_smoothing, which are defined on pairs.
+      rankings="plackett_luce",
+      loss="dpo",             # dpo (sigmoid, eq. 7) | ipo (Azar et al. eq. 17): all_pairs only
+      label_smoothing=0.0,    # cDPO's flip probability ε in [0, 0.5): loss=dpo, all_pairs
+      k_max=0,                # K responses per prompt; 0 = from the data
+  ))
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 10
+  return c
+
+
+# PPO's fields GRPO has no use for (value model, GAE, KL controller, EMA): they must stay at
+# their defaults in a GRPO config, so that setting one is an error rather than a no-op.
+PPO_ONLY = ("value_from", "value_clip_eps", "vf_coef", "value_lr_scale", "gamma", "lam",
+            "whiten_advantages", "kl_controller", "kl_target", "kl_horizon", "ema_decay")
+GRPO_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+  """GRPO, Dr. GRPO, RLOO and REINFORCE++: critic-free online RL (`trainers/grpo.py`).
+
+  The `ppo` block is shared: the reward sources (`ppo.reward_from`, `ppo.reward_fn`, their
+  weights, `ppo.no_eos_penalty`), the rollout (`ppo.iterations`, `ppo.max_new_tokens`,
+  `ppo.temperature`), the update (`ppo.epochs`, `ppo.minibatches`, `ppo.clip_eps`,
+  `ppo.kl_coef`, optional `ppo.ptx_coef`) and the alarms mean what they mean in PPO; only
+  what is new lives in `grpo`. `train.batch_size` counts prompts: a rollout has
+  `train.batch_size * grpo.group_size` responses.
+  """
+  c = ppo_config()
+  c.stage = "grpo"
+  c.grpo = ml_collections.ConfigDict(dict(
+      # grpo: (r - mean) / std within each prompt's group (Shao et al. 2024) | dr_grpo: no
+      # std division (Liu et al. 2025) | rloo: leave-one-out baseline (Ahmadian et al. 2024)
+      # | reinforce_pp: KL in the per-token reward, batch-whitened returns (Hu 2025)
+      estimator="grpo",
+      group_size=4,           # G responses per prompt (one generate on the repeated batch)
+      length_norm="token",    # token: Σ over all tokens / their count | sequence: eq. 3's
+                              # mean per response, then over responses
+      clip_eps_high=0.0,      # upper clip ε (DAPO's clip-higher); 0 = ppo.clip_eps
+  ))
+  # β of the k3 KL loss term (GRPO / Dr. GRPO / RLOO; DeepSeekMath: 0.04), or of the
+  # per-token `ppo.kl_kind` KL in the reward (REINFORCE++).
+  c.ppo.kl_coef = 0.04
+  c.ppo.ptx_coef = 0.0        # > 0 adds PPO-ptx's pretraining term (needs data.ptx.path)
+  c.ppo.minibatches = 4
+  return c
+
+
+def _validate_grpo(c) -> None:
+  g, p = c.grpo, c.ppo
+  _choice(c, "grpo.estimator", GRPO_ESTIMATORS)
+  _choice(c, "grpo.length_norm", ("token", "sequence"))
+  lo = 1 if g.estimator == "reinforce_pp" else 2
+  value = g.group_size
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    raise ConfigError("grpo.group_size", value,
+                      f"an int >= {lo} (grpo.estimator={g.estimator!r}"
+                      + (": a group baseline needs another sample of the prompt)" if lo == 2
+                         else ")"))
+  _positive(c, "grpo.clip_eps_high", allow_zero=True)
+  defaults = ppo_config().ppo
+  for f in PPO_ONLY:
+    if p[f] != defaults[f]:
+      raise ConfigError(f"ppo.{f}", p[f], f"its default {defaults[f]!r}: GRPO has no value "
+                        "model, GAE, KL controller or EMA (this field is PPO's)")
+  if (c.train.batch_size * value) % p.minibatches:
+    raise ConfigError("ppo.minibatches", p.minibatches,
+                      f"a divisor of train.batch_size * grpo.group_size = "
+                      f"{c.train.batch_size * value} (the responses of one rollout)")
+
+
 def validate_stage(c) -> None:
   """Stage-specific checks on top of `validate`."""
   _int_at_least(c, "train.sample_every", 0)
@@ -265,7 +366,11 @@ def validate_stage(c) -> None:
                         "demonstrations (prompt/completion or chat rows) to measure the "
                         f"reward normalisation rm.normalize={c.rm.normalize!r} on, or "
                         "--config.rm.normalize=none")
-  if c.stage == "ppo":
+  if c.stage == "dpo":
+    _validate_dpo(c)
+  if c.stage == "grpo":
+    _validate_grpo(c)
+  if c.stage in ("ppo", "grpo"):
     p = c.ppo
     for f in ("iterations", "max_new_tokens", "temperature", "epochs", "minibatches",
               "ptx_batch_size", "kl_target", "kl_horizon"):
@@ -289,7 +394,7 @@ def validate_stage(c) -> None:
       raise ConfigError("ppo.ema_decay", p.ema_decay, "a number in [0, 1)")
     _choice(c, "ppo.kl_kind", ("k1", "k2", "k3"))
     _choice(c, "ppo.kl_controller", ("fixed", "adaptive"))
-    if c.train.batch_size % p.minibatches:
+    if c.stage == "ppo" and c.train.batch_size % p.minibatches:
       raise ConfigError("ppo.minibatches", p.minibatches,
                         f"a divisor of train.batch_size={c.train.batch_size}")
     for f in ("reward_model_weight", "reward_fn_weight"):
@@ -299,6 +404,47 @@ def validate_stage(c) -> None:
       raise ConfigError("ppo.max_new_tokens", p.max_new_tokens,
                         f"at most data.max_len - data.max_prompt_len = "
                         f"{c.data.max_len - c.data.max_prompt_len}")
+
+
+def _validate_dpo(c) -> None:
+  d = c.dpo
+  if c.task == "" and not c.model.init_from:
+    raise ConfigError("model.init_from", c.model.init_from, "the SFT model (HF dir or SFT "
+                      "workdir) DPO starts from: it is also the frozen reference")
+  if isinstance(d.beta, bool) or not isinstance(d.beta, (int, float)) or not d.beta > 0:
+    raise ConfigError("dpo.beta", d.beta, "a number > 0")
+  _choice(c, "dpo.rankings", ("plackett_luce", "all_pairs"))
+  _choice(c, "dpo.loss", ("dpo", "ipo"))
+  if isinstance(d.k_max, bool) or not isinstance(d.k_max, int) or d.k_max < 0 or d.k_max == 1:
+    raise ConfigError("dpo.k_max", d.k_max, "an int >= 2, or 0 for the data's largest K")
+  if not isinstance(d.label_smoothing, (int, float)) or not 0.0 <= d.label_smoothing < 0.5:
+    raise ConfigError("dpo.label_smoothing", d.label_smoothing, "a number in [0, 0.5)")
+  # The Plackett-Luce likelihood has no IPO or label-smoothed form: those act on pairs.
+  if d.rankings == "plackett_luce" and d.loss != "dpo":
+    raise ConfigError("dpo.loss", d.loss, "'dpo' with dpo.rankings='plackett_luce' (IPO "
+                      "is a loss on pairs: set --config.dpo.rankings=all_pairs)")
+  if d.label_smoothing and (d.rankings != "all_pairs" or d.loss != "dpo"):
+    raise ConfigError("dpo.label_smoothing", d.label_smoothing,
+                      "0 unless dpo.loss='dpo' and dpo.rankings='all_pairs' (cDPO smooths "
+                      "the label of a pair)")
+
+
+def _check_lora(c) -> None:
+  """`model.lora`: the numbers, the target names, and the stages that take it."""
+  lo = c.model.lora
+  _int_at_least(c, "model.lora.rank", 0)
+  _positive(c, "model.lora.alpha")
+  from rlhf_jax.models import lora
+  lora.check_names(tuple(t.strip() for t in lo.targets.split(",") if t.strip()))
+  if lo.rank == 0:
+    return
+  if c.stage in ("rm", "grpo", "dpo"):
+    raise ConfigError("model.lora.rank", lo.rank, f"0 for the {c.stage} stage (LoRA trains "
+                      "the policy in sft / pretrain / ppo, and PPO's value model; the "
+                      f"{c.stage} stage trains the full model)")
+  if "ppo" in c and c.ppo.ema_decay > 0:
+    # An EMA of the factors A and B is not the EMA of the merged update A @ B.
+    raise ConfigError("ppo.ema_decay", c.ppo.ema_decay, "0 with model.lora.rank > 0")
 
 
 def _check_reward_fn(spec: str) -> None:

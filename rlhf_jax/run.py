@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 
 from rlhf_jax import config as config_lib
-from rlhf_jax.trainers import ppo, rm, sft
+from rlhf_jax.trainers import batching, dpo, grpo, ppo, rm, sft
 
 log = logging.getLogger("rlhf_jax")
 
 # Setting any of these on the command line means "my data", not the built-in task.
 USER_DATA_FIELDS = ("data.train.path", "model.init_from", "ppo.reward_from")
 # config.stage -> the trainer module that trains it
-TRAINERS = {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo}
+TRAINERS = {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo, "grpo": grpo}
 
 
 def run(config, workdir: str, overridden: tuple = ()) -> dict:
@@ -36,6 +36,7 @@ def run(config, workdir: str, overridden: tuple = ()) -> dict:
     log.info("[run] --config.%s given: training on your data (config.task='')", given[0])
     config.task = ""
   config_lib.validate(config)
+  batching.use_workdir_cache(workdir)
   if config.task == "default":
     from rlhf_jax import pipeline
     return pipeline.run_until(config.stage, config, workdir, overridden)

@@ -199,6 +199,27 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def activation_batch_spec(mesh, batch: int, ndim: int) -> Optional[PartitionSpec]:
+  """`P(batch_axes, None, ...)` for an activation of `ndim` dims whose dim 0 has `batch` rows.
+
+  `batch_axes` are the `BATCH_AXES` of `mesh` (a `Mesh` or the `AbstractMesh` seen while
+  tracing) of size > 1 and Auto type (not Manual inside a shard_map, nor Explicit), each
+  kept, in order, if the product of the axes kept so far and its size divides `batch`.
+  None when no axis qualifies (one device, a tensor-only mesh, a batch of 1): then there is
+  nothing to constrain.
+  """
+  abstract = mesh.abstract_mesh
+  kept, product = [], 1
+  for axis in BATCH_AXES:
+    size = abstract.shape.get(axis, 1)
+    if size > 1 and axis in abstract.auto_axes and batch % (product * size) == 0:
+      kept.append(axis)
+      product *= size
+  if not kept:
+    return None
+  return PartitionSpec(tuple(kept) if len(kept) > 1 else kept[0], *([None] * (ndim - 1)))
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many ways dim 0 of a batch is split (global batch sizes must be a multiple)."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)

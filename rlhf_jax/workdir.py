@@ -6,8 +6,8 @@
         reward_normalization.json                   {"mean", "std", "gain", "n"}: r <- (r - mean) [/ std]
 
 A user path to a model is either an HF directory itself or a workdir whose `export/` holds
-one (`resolve_model_dir`). Exports are written by process 0 after every process has joined
-the gather of a possibly host-split array (`export`).
+one (`resolve_model_dir`). Exports are written by process 0 while every process joins the
+gather of each possibly host-split tensor in turn (`export`, `models.save_hf`).
 """
 
 from __future__ import annotations
@@ -74,10 +74,25 @@ def host_copy(tree):
   `jax.device_get` cannot fetch an array split across processes (e.g. FSDP over hosts);
   `process_allgather` gathers it, so every process must call this together.
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or all(getattr(x, "is_fully_addressable", True)
+                                     for x in jax.tree.leaves(tree)):
+    # This process holds every shard (e.g. the pipeline's sampling on its own first
+    # device): a plain copy; `process_allgather` would concatenate every process's copy.
     return jax.tree.map(np.asarray, jax.device_get(tree))
   from jax.experimental import multihost_utils
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def export_adapter(workdir: str, cfg, adapters, spec, base_model: str = "") -> str:
+  """Writes a LoRA adapter alone in the PEFT format under `<workdir>/export/adapter`
+  (process 0; every process joins the gather). `base_model`: the HF dir it adapts."""
+  from rlhf_jax.models import lora
+  out = os.path.join(workdir, "export", "adapter")
+  host = host_copy(adapters)
+  if jax.process_index() == 0:
+    base = os.path.abspath(base_model) if base_model and os.path.isdir(base_model) else ""
+    lora.save_peft(cfg, host, spec, out, base_model_name_or_path=base)
+  return out
 
 
 def export(workdir: str, cfg, params, tokenizer, kind: str,
@@ -85,12 +100,12 @@ def export(workdir: str, cfg, params, tokenizer, kind: str,
   """Writes an HF-format copy under `<workdir>/export/<policy|reward_model>` (process 0);
   `name` replaces the kind's directory name (PPO's value model: `export/value_model`)."""
   out = os.path.join(workdir, "export", name or EXPORT_NAMES[kind])
-  host_params = host_copy(params)
+  # Every process calls save_hf: it gathers one tensor at a time (never the whole model on
+  # one host) and process 0 writes. A scalar model's config gets a pad id distinct from EOS
+  # (`models.save_hf`), so that transformers reads the score at the same token as here; the
+  # tokenizer shows which embedding rows are free.
+  models.save_hf(cfg, params, out, tokenizer=tokenizer if kind == "scalar" else None)
   if jax.process_index() == 0:
-    # A scalar model's config gets a pad id distinct from EOS (`models.save_hf`), so that
-    # transformers reads the score at the same token as here; the tokenizer shows which
-    # embedding rows are free.
-    models.save_hf(cfg, host_params, out, tokenizer=tokenizer if kind == "scalar" else None)
     if tokenizer is not None:
       tokenizer.save_pretrained(out)
     if normalization is not None:

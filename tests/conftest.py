@@ -6,6 +6,14 @@ is unaffected: un-sharded arrays live on device 0 and one-device meshes use
 `jax.devices()[:1]`.
 """
 
+import os
+import tempfile
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Trainers called directly (not through run.run, which uses <workdir>/data_cache) would
+# write their token caches to ~/.cache: keep them in one temp dir per test session instead
+# (the launcher subprocesses inherit it).
+os.environ.setdefault("RLHF_JAX_DATA_CACHE", tempfile.mkdtemp(prefix="rlhf_jax_data_cache_"))

@@ -21,7 +21,8 @@ PACKAGE = os.path.join(helpers.REPO, "rlhf_jax")
 # Higher layers may import lower ones, never the reverse. Everything else is the core (0).
 LAYERS = {"rlhf_jax.objectives": 1, "rlhf_jax.generation": 1, "rlhf_jax.trainers": 2,
           "rlhf_jax.pipeline": 3, "rlhf_jax.sample_responses": 3, "rlhf_jax.compare": 3,
-          "rlhf_jax.run": 4}
+          "rlhf_jax.run": 4,
+          "rlhf_jax.run_lock": 0}   # core: launch/train.py takes the workdir lock
 # Core modules the trainers must not see: the built-in task belongs to the pipeline.
 NOT_FOR_TRAINERS = ("rlhf_jax.tasks",)
 

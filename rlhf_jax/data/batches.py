@@ -8,8 +8,10 @@
 Epoch ``e`` visits the examples in the order ``np.random.default_rng([seed, e])
 .permutation(N)`` (file order with ``shuffle=False``); global batch ``i`` of the epoch is
 ``order[i*B:(i+1)*B]`` and process ``p`` gets the ``p``-th contiguous slice of it, so the
-host slices of all processes concatenate to the global batch. Every host must hold the same
-arrays (each loads the full dataset). ``drop_last=True`` drops the last ``N % B`` examples of
+host slices of all processes concatenate to the global batch. Every host must see the same
+arrays: the same dense arrays, or the same on-disk cache (`cache.load_cached`), whose
+columns read only the rows of this host's slice (and the bucketing mask of the global
+batch). ``drop_last=True`` drops the last ``N % B`` examples of
 each epoch's order (different ones every epoch); ``drop_last=False`` fills the last batch up
 with examples from the start of the same order, so every batch keeps its static shape.
 The iterator never ends: epochs follow each other.
@@ -113,7 +115,10 @@ class BatchIterator:
                shuffle: bool = True, bucketing: Optional[Bucketing] = None):
     if not arrays:
       raise DataError("BatchIterator: no arrays to iterate over")
-    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    # Columns of an on-disk cache (`cache.CachedColumn`, `lazy_rows`) read only the rows
+    # asked for; anything else becomes one dense array.
+    self.arrays = {k: v if getattr(v, "lazy_rows", False) else np.asarray(v)
+                   for k, v in arrays.items()}
     sizes = {k: (v.shape[0] if v.ndim else None) for k, v in self.arrays.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
       raise DataError(f"BatchIterator: arrays must share their leading dimension, got {sizes}")

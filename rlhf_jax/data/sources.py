@@ -34,6 +34,7 @@ from rlhf_jax.data.validate import DataError, Malformed
 
 FORMATS = ("json", "jsonl", "parquet", "csv", "hub")
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+PARQUET_BATCH = 4096  # rows per record batch when a shard streams a parquet file
 # Column roles the loaders know; `DataSpec.columns` maps a role to the dataset's column name.
 ROLES = ("prompt", "completion", "messages", "chosen", "rejected", "responses", "ranks",
          "finished", "text")
@@ -95,6 +96,13 @@ class Source:
   rows: list
   # (first row index, file, line numbers or None) per file, for error messages.
   parts: list = dataclasses.field(default_factory=list)
+  # The global row index of each of `rows` when the source holds one shard of the dataset
+  # (`open_source(spec, shard=...)`); None: rows 0, 1, ... (the whole dataset).
+  indices: Optional[list] = None
+
+  def numbered(self):
+    """(global row index, row) pairs."""
+    return zip(self.indices if self.indices is not None else range(len(self.rows)), self.rows)
 
   def locate(self, index: int) -> str:
     """'row 12 (a.jsonl line 14)': where row `index` came from."""
@@ -118,41 +126,147 @@ class Source:
     return keys
 
 
-def open_source(spec: DataSpec) -> Source:
+def open_source(spec: DataSpec, shard: Optional[tuple] = None) -> Source:
   """Reads the rows named by `spec` (at most `spec.max_rows`).
+
+  Args:
+    shard: (p, P): keep only the rows whose global index i has i % P == p (`Source.indices`
+      holds them). JSON lines and parquet are streamed, so a shard costs its share of the
+      memory; .json and .csv files are parsed whole first, then cut.
 
   Raises:
     DataError: naming the path, if it is missing, unreadable or not a dataset.
   """
   path = os.path.expanduser(spec.path)
   fmt = spec.format
+  if shard is not None:
+    p, count = shard
+    if not (isinstance(p, int) and isinstance(count, int) and 0 <= p < count):
+      raise DataError(f"open_source: shard={shard!r}: expected (p, P) with 0 <= p < P")
   if fmt == "hub" or (fmt is None and not os.path.exists(path) and _looks_like_hub(path)):
-    return _open_hub(spec)
+    return _cut(_open_hub(spec, shard), shard)
+  limit = spec.max_rows
+  files = data_files(spec)
+  if files is None:
+    return _cut(_open_saved(spec, path, shard), shard)
+  source = Source(name=spec.path, rows=[], indices=None if shard is None else [])
+  n = 0  # global rows so far
+  for file in files:
+    if limit is not None and n >= limit:
+      break
+    file_fmt = fmt or SUFFIXES.get(os.path.splitext(file)[1].lower())
+    remaining = None if limit is None else limit - n
+    if shard is None:
+      rows, lines = _read_file(file, file_fmt, remaining)
+      count, indices = len(rows), None
+    elif file_fmt == "jsonl" or file_fmt == "parquet":
+      rows, lines, count, indices = _read_shard(file, file_fmt, remaining, n, shard)
+    else:
+      rows, lines = _read_file(file, file_fmt, remaining)
+      count = len(rows)
+      indices = [i for i in range(n, n + count) if i % shard[1] == shard[0]]
+      rows = [rows[i - n] for i in indices]
+    source.parts.append((n, file, lines))
+    source.rows.extend(rows)
+    if indices is not None:
+      source.indices.extend(indices)
+    n += count
+  return source
+
+
+def data_files(spec: DataSpec) -> Optional[list]:
+  """The local files `spec` reads, in order; None for a `save_to_disk` dataset directory.
+
+  Raises:
+    DataError: for a missing path or a file whose format cannot be told.
+  """
+  path = os.path.expanduser(spec.path)
   if not os.path.exists(path):
     raise DataError(f"{spec.path}: no such file or directory (expected a local "
                     ".json/.jsonl/.parquet/.csv file, a directory of them, or a hub dataset "
                     "name)")
-  limit = spec.max_rows
   if os.path.isdir(path):
     if any(os.path.exists(os.path.join(path, f)) for f in
            ("dataset_info.json", "state.json", "dataset_dict.json")):
-      return _open_saved(spec, path)
-    files = _dir_files(path, spec.split, fmt)
+      return None
+    files = _dir_files(path, spec.split, spec.format)
   else:
     files = [path]
-  source = Source(name=spec.path, rows=[])
   for file in files:
-    if limit is not None and len(source.rows) >= limit:
-      break
-    file_fmt = fmt or SUFFIXES.get(os.path.splitext(file)[1].lower())
-    if file_fmt is None:
+    if not (spec.format or SUFFIXES.get(os.path.splitext(file)[1].lower())):
       raise DataError(f"{file}: cannot tell the format from the suffix; expected .json, .csv, "
                       ".jsonl or .parquet, or set format=")
-    remaining = None if limit is None else limit - len(source.rows)
-    rows, lines = _read_file(file, file_fmt, remaining)
-    source.parts.append((len(source.rows), file, lines))
-    source.rows.extend(rows)
+  return files
+
+
+def is_hub(spec: DataSpec) -> bool:
+  """Whether `open_source` reads `spec` from the Hugging Face hub."""
+  path = os.path.expanduser(spec.path)
+  return spec.format == "hub" or (spec.format is None and not os.path.exists(path) and
+                                  _looks_like_hub(path))
+
+
+def _cut(source: Source, shard: Optional[tuple]) -> Source:
+  """`source` (already cut by the reader when it could) with the shard's global indices."""
+  if shard is None or source.indices is not None:
+    return source
+  source.indices = list(range(shard[0], shard[0] + len(source.rows) * shard[1], shard[1]))
   return source
+
+
+def _read_shard(file: str, fmt: str, limit: Optional[int], start: int,
+                shard: tuple) -> tuple:
+  """(own rows, line numbers of every row or None, rows in the file, own global indices).
+
+  Streams the file: only this shard's rows are parsed and kept. The line numbers (an int64
+  array, 8 bytes a row) keep error messages naming the file's line, as a whole load does.
+  """
+  p, count = shard
+  rows, indices, lines = [], [], []
+  if fmt == "parquet":
+    try:
+      import pyarrow.parquet as pq
+      n = 0
+      for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH):
+        if limit is not None and n >= limit:
+          break
+        take = batch.num_rows if limit is None else min(batch.num_rows, limit - n)
+        first = (p - (start + n)) % count  # first own row of this batch
+        own = list(range(first, take, count))
+        if own:
+          import pyarrow as pa
+          rows.extend(batch.take(pa.array(own)).to_pylist())
+          indices.extend(start + n + i for i in own)
+        n += take
+    except Exception as e:  # pyarrow raises OSError, ValueError, NotImplementedError, ...
+      raise DataError(f"{file}: cannot read it as parquet: {type(e).__name__}: {e}") from None
+    return rows, None, n, indices
+  try:
+    with open(file, "r", encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark
+      # Universal newlines, split on "\n" only, as `_parse_lines` does after `read()`.
+      for number, line in enumerate(f, start=1):
+        if limit is not None and len(lines) >= limit:
+          break
+        if not line.strip():
+          continue
+        i = start + len(lines)
+        lines.append(number)
+        if i % count == p:
+          indices.append(i)
+          rows.append(_parse_line(line[:-1] if line.endswith("\n") else line))
+  except UnicodeDecodeError as e:
+    raise DataError(f"{file}: not UTF-8 text ({e})") from None
+  except OSError as e:
+    raise DataError(f"{file}: cannot read it as {fmt}: {e}") from None
+  import numpy as np
+  return rows, np.asarray(lines, np.int64), len(lines), indices
+
+
+def _parse_line(line: str):
+  try:
+    return json.loads(line)
+  except (ValueError, RecursionError) as e:  # ValueError: also ints over 4300 digits
+    return Malformed(str(e)[:200])
 
 
 def _looks_like_hub(path: str) -> bool:
@@ -235,10 +349,7 @@ def _parse_lines(text: str, limit: Optional[int]) -> tuple[list, list]:
       break
     if not line.strip():
       continue
-    try:
-      rows.append(json.loads(line))
-    except (ValueError, RecursionError) as e:  # ValueError: also ints over 4300 digits
-      rows.append(Malformed(str(e)[:200]))
+    rows.append(_parse_line(line))
     lines.append(number)
   return rows, lines
 
@@ -257,13 +368,15 @@ def _parse_csv(file: str, text: str, limit: Optional[int]) -> tuple[list, list]:
   return rows, lines
 
 
-def _limit_dataset(ds, spec: DataSpec) -> list:
+def _limit_dataset(ds, spec: DataSpec, shard: Optional[tuple] = None) -> list:
   if spec.max_rows is not None and len(ds) > spec.max_rows:
     ds = ds.select(range(spec.max_rows))
+  if shard is not None:  # Arrow is memory-mapped: only the shard's rows become Python
+    ds = ds.select(range(shard[0], len(ds), shard[1]))
   return ds.to_list()
 
 
-def _open_saved(spec: DataSpec, path: str) -> Source:
+def _open_saved(spec: DataSpec, path: str, shard: Optional[tuple] = None) -> Source:
   import datasets
   try:
     ds = datasets.load_from_disk(path)
@@ -276,10 +389,10 @@ def _open_saved(spec: DataSpec, path: str) -> Source:
     raise
   except Exception as e:  # datasets raises many types for a broken save
     raise DataError(f"{spec.path}: cannot load the saved dataset: {e}") from None
-  return Source(name=spec.path, rows=_limit_dataset(ds, spec))
+  return Source(name=spec.path, rows=_limit_dataset(ds, spec, shard))
 
 
-def _open_hub(spec: DataSpec) -> Source:
+def _open_hub(spec: DataSpec, shard: Optional[tuple] = None) -> Source:
   import datasets
   try:
     ds = datasets.load_dataset(spec.path, split=spec.split)
@@ -289,5 +402,5 @@ def _open_hub(spec: DataSpec) -> Source:
                     f"{str(e)[:500]}") from None
   if not isinstance(ds, datasets.Dataset):
     raise DataError(f"{spec.path}: expected one split of a dataset, got {type(ds).__name__}")
-  return Source(name=spec.path, rows=_limit_dataset(ds, spec))
+  return Source(name=spec.path, rows=_limit_dataset(ds, spec, shard))
 

@@ -121,6 +121,40 @@ class DataReport:
                    f"{self.messages.get(reason, '')})")
     return text + f", {self.n_skipped} skipped — " + "; ".join(parts) + "."
 
+  @classmethod
+  def merge(cls, file: str, reports) -> "DataReport":
+    """One report for rows split over several loads (the parts of a sharded load).
+
+    Counts add up; per reason, the examples are the smallest row indices of all parts and
+    the message is the one of the smallest, so the result equals a single load's report.
+    """
+    out = cls(file=file)
+    firsts: dict = {}
+    for r in reports:
+      out.n_rows += r.n_rows
+      out.n_used += r.n_used
+      for reason, n in r.skipped.items():
+        out.skipped[reason] = out.skipped.get(reason, 0) + n
+        rows = r.examples.get(reason, [])
+        out.examples[reason] = sorted(out.examples.get(reason, []) + list(rows))[:N_EXAMPLES]
+        if rows and (reason not in firsts or rows[0] < firsts[reason]):
+          firsts[reason] = rows[0]
+          out.messages[reason] = r.messages[reason]
+      for what, n in r.notes.items():
+        out.notes[what] = out.notes.get(what, 0) + n
+    # Reasons in the order of their first row, as one load meets them (`__str__` lists
+    # equal counts in this order).
+    out.skipped = {r: out.skipped[r] for r in sorted(out.skipped, key=firsts.__getitem__)}
+    return out
+
+  def raise_first_bad(self) -> None:
+    """Raises `DataError` naming the first bad row (file, row, field), if any was skipped."""
+    if not self.skipped:
+      return
+    reason = min((rows[0], reason) for reason, rows in self.examples.items() if rows)[1]
+    raise DataError(f"{self.file}: {self.messages[reason]}. (Set on_bad_row='skip' to skip "
+                    f"such rows; {self.n_skipped} bad of {self.n_rows}.)")
+
   def raise_if_empty(self, field: str) -> None:
     """Raises `DataError` naming the file and `field` when no row was usable."""
     if self.n_used > 0:
@@ -146,11 +180,14 @@ class RowLedger:
     return index in self.bad_rows
 
   def finish(self, n_rows: int, n_used: int) -> DataReport:
-    if self.bad_rows and self.on_bad_row == "error":
-      first = min(self.bad_rows)
-      raise DataError(f"{self.file}: {self.locate(first)}: "
-                      f"{self.bad_rows[first].describe()}. (Set on_bad_row='skip' to skip "
-                      f"such rows; {len(self.bad_rows)} bad of {n_rows}.)")
+    """The report; raises the first bad row's `DataError` with ``on_bad_row="error"``."""
+    report = self.report(n_rows, n_used)
+    if self.on_bad_row == "error":
+      report.raise_first_bad()
+    return report
+
+  def report(self, n_rows: int, n_used: int) -> DataReport:
+    """The report, never raising (a sharded load raises once all parts are merged)."""
     report = DataReport(file=self.file, n_rows=n_rows, n_used=n_used)
     for index in sorted(self.bad_rows):
       err = self.bad_rows[index]

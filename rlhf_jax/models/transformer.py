@@ -14,6 +14,13 @@ Dropout (training only) follows GPT-2/GPT-3: `cfg.dropout` on the embedding outp
 each block's attention and MLP outputs before they join the residual stream,
 `cfg.attention_dropout` on the attention probabilities. It runs only when a dropout key is
 passed down; without one the traced graph is the plain forward pass.
+
+Under a mesh the residual stream [B, T, D] is constrained to be split over the batch axes
+(`constrain_batch`), after the embeddings and after every block. Without it, under `fsdp`
+the lookup `take(embedding [V, D], ids [B, T])` meets the fsdp axis twice (the table's D,
+the ids' B); XLA's propagation keeps D split and B whole, and every activation after it
+was computed for the whole global batch on every device (a 1-layer Llama-8B PPO
+experience on fsdp=8: 125 GiB of temporaries per device without, 17 GiB with).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
 
 # Flax 0.12 would otherwise require an active mesh for any variable that names its axes.
@@ -73,6 +81,39 @@ def dropout(x, rate: float, key):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def trace_mesh(*arrays):
+  """The (abstract) mesh the traced computation runs on, or None.
+
+  A mesh set with `jax.set_mesh` wins. Otherwise it is read off the arrays' types: under
+  `jax.jit` with Auto-axis shardings (how the trainers run), an input placed on a mesh
+  (a param, the token ids) carries that mesh in `jax.typeof(x).sharding.mesh` even though
+  its spec there is not tracked, so the model needs no mesh argument. Arrays with no mesh
+  (one device, plain jit, fresh `jnp.zeros`) give None.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh
+  for x in arrays:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is not None and not mesh.empty:
+      return mesh
+  return None
+
+
+def constrain_batch(x, mesh):
+  """x with dim 0 constrained to the mesh's batch axes (`sharding.activation_batch_spec`).
+
+  A no-op (x itself, no op traced) without a mesh or when no batch axis of size > 1
+  divides dim 0, so single-device graphs are unchanged.
+  """
+  if mesh is None:
+    return x
+  spec = sharding.activation_batch_spec(mesh, x.shape[0], x.ndim)
+  if spec is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _param(value, names) -> nnx.Param:
@@ -320,12 +361,14 @@ class Backbone(nnx.Module):
     if cfg.dropout == 0 and cfg.attention_dropout == 0:
       dropout_rng = None
     dtype = jnp.dtype(cfg.dtype)
+    mesh = trace_mesh(ids_bt, self.embed.embedding[...])
     x_btd = self.embed(ids_bt, dtype)
     rope = None
     if self.pos_embed is not None:
       x_btd = x_btd + self.pos_embed(positions_bt, dtype)
     else:
       rope = rope_tables(cfg, positions_bt)
+    x_btd = constrain_batch(x_btd, mesh)   # before dropout: its mask is then drawn split too
     if dropout_rng is not None:
       x_btd = dropout(x_btd, cfg.dropout, dropout_key(dropout_rng, 0, "embedding"))
     new_cache = {} if cache is not None else None
@@ -341,6 +384,7 @@ class Backbone(nnx.Module):
         x_btd, layer_new = fn(block, x_btd, rope, mask_bts, layer_cache, cache_index, keys)
       else:
         x_btd, layer_new = block(x_btd, rope, mask_bts, layer_cache, cache_index, keys)
+      x_btd = constrain_batch(x_btd, mesh)
       if cache is not None:
         new_cache[name] = layer_new
     return self.final_norm(x_btd), new_cache

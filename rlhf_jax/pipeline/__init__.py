@@ -9,6 +9,8 @@ announcing each and reusing any that already finished (its `export/DONE` exists)
     <workdir>/rm/          step 2 (on K-way rankings of SFT samples by the hidden oracle)
     <workdir>/ppo/         step 3, PPO-ptx
     <workdir>/ppo_noptx/   plain PPO, for the alignment-tax comparison
+    <workdir>/grpo/        configs/grpo.py: GRPO / RLOO / REINFORCE++ in PPO's place
+    <workdir>/dpo/         configs/dpo.py: DPO from SFT on the oracle's rankings (no RM, no PPO)
     <workdir>/eval.json, report.md, *.png   the paper-style evaluation
 
 Each stage's config comes from the declarative table in `settings.STAGES`; the trainers see
@@ -24,13 +26,19 @@ import os
 log = logging.getLogger("rlhf_jax")
 
 ORDER = ("pretrain", "sft", "rm", "ppo")
+# Offline methods train on the oracle's rankings straight from SFT: their own stage lists.
+OFFLINE = {"dpo": ("pretrain", "sft", "dpo")}
+# Critic-free online RL (configs/grpo.py) in PPO's place, against the same RM; evaluated
+# against SFT as PPO is.
+ONLINE = {"grpo": ("pretrain", "sft", "rm", "grpo")}
 
 
 def run_until(target: str, config, workdir: str, overridden=()) -> dict:
   """Runs the built-in pipeline through `target`; evaluates after PPO.
 
   Args:
-    target: the last stage ("pretrain", "sft", "rm" or "ppo").
+    target: the last stage ("pretrain", "sft", "rm" or "ppo"), or a method of `OFFLINE` /
+      `ONLINE`, which runs its own stage list and is evaluated against SFT as PPO is.
     config: the launcher's config; its `pipeline` block (default `settings.task_settings()`)
       sizes the task, and the fields in `settings.INHERITED` reach every stage.
     workdir: the run directory; each stage trains in a sub-directory.
@@ -39,7 +47,8 @@ def run_until(target: str, config, workdir: str, overridden=()) -> dict:
   from rlhf_jax.pipeline import settings as settings_lib
   from rlhf_jax.pipeline import stages
   task = config.pipeline if "pipeline" in config else settings_lib.task_settings()
-  names = list(ORDER[:ORDER.index(target) + 1])
+  names = list(OFFLINE[target]) if target in OFFLINE else \
+      list(ONLINE[target]) if target in ONLINE else list(ORDER[:ORDER.index(target) + 1])
   if target == "ppo" and task.compare_no_ptx:
     names.append("ppo_noptx")
   task_dir = os.path.join(workdir, "task_data")
@@ -53,13 +62,15 @@ def run_until(target: str, config, workdir: str, overridden=()) -> dict:
   stages.prepare_task_data(task, config.seed, task_dir)
   result: dict = {}
   for name in names:
-    if name == "rm":
+    if name in ("rm", "dpo"):   # the same rankings the RM is trained on
       stages.collect_rankings(task, config.seed, workdir, task_dir)
     result = stages.run_stage(name, stage_configs[name], os.path.join(workdir, name))
     if result.get("preempted"):
       return result
-  if target == "ppo" and task.evaluate:
+  if (target == "ppo" or target in ONLINE or target in OFFLINE) and task.evaluate:
     from rlhf_jax.pipeline import evaluation
-    result = dict(result, **evaluation.evaluate(task, config.seed, config.ppo.temperature,
-                                                workdir, task_dir))
+    # Offline (DPO) policies are sampled as SFT is, at temperature 1: they have no rollouts.
+    temperature = config.ppo.temperature if "ppo" in config else 1.0
+    result = dict(result, **evaluation.evaluate(task, config.seed, temperature,
+                                                workdir, task_dir, method=target))
   return result

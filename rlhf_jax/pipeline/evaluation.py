@@ -6,6 +6,11 @@ held-out rankings; the mean KL(π || π_SFT) of each RL policy on its own sample
 pretraining-corpus loss of every model (the "alignment tax", §4.2 / Fig. 28-29); and the
 unsafe-token rate per model. Writes `<workdir>/eval.json`, `report.md` and PNG plots.
 
+Multi-process runs: every process evaluates alike (each on its own first device, with no
+collective: sampling keys, prompts and models are the same everywhere), process 0 alone
+writes the files, and all leave together (`distributed.barrier`), so that the command's end
+means the report is on disk.
+
     python -m rlhf_jax.pipeline.evaluation --workdir=runs/demo     # re-run on its own
 """
 
@@ -18,7 +23,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import data, generation, models, tasks
+from rlhf_jax import data, distributed, generation, models, tasks
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.pipeline import report
 from rlhf_jax.pipeline.settings import MAX_LEN, MAX_NEW_TOKENS, MAX_PROMPT_LEN
@@ -55,13 +60,17 @@ def _rm_accuracy(k: int, seed: int, workdir: str, task_dir: str, tokenizer) -> f
 
 
 
-def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: str) -> dict:
+def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: str,
+             method: str = "ppo") -> dict:
   """The evaluation of a finished pipeline in `workdir` (see the module docstring).
 
   Args:
     settings: the `pipeline` block (`settings.task_settings`): `k`, `compare_no_ptx`.
     seed: the run's seed (the oracle's and the samples').
     temperature: the sampling temperature of PPO's rollouts, used here too.
+    method: the stage whose policy is compared with SFT ("ppo", or "dpo" trained on the
+      RM's rankings); plain PPO joins "ppo" when `compare_no_ptx`. The RM's accuracy is
+      measured when `<workdir>/rm` holds one (None otherwise).
   """
   log.info("[eval] oracle win rates, RM accuracy, KL and alignment tax on held-out prompts")
   tokenizer = workdir_lib.read_tokenizer(os.path.join(task_dir, "tokenizer"))
@@ -71,7 +80,8 @@ def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: st
   ids, mask, texts = prompts.arrays["input_ids"], prompts.arrays["attention_mask"], prompts.texts
   corpus = data.load_text(data.DataSpec(path=os.path.join(task_dir, "pretrain_eval.jsonl")),
                           tokenizer, MAX_LEN, pack=True)
-  names = ["sft", "ppo"] + (["ppo_noptx"] if settings.compare_no_ptx else [])
+  names = ["sft", method] + (["ppo_noptx"] if method == "ppo" and settings.compare_no_ptx
+                             else [])
   policies = {}
   for name in names:
     policies[name] = generation.load_policy(
@@ -85,8 +95,11 @@ def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: st
     scores[name] = [oracle.score(p, r, bool(f)) for p, r, f in
                     zip(texts, samples[name].texts, samples[name].has_eos)]
     unsafe[name] = float(np.mean([tasks.UNSAFE in r.split() for r in samples[name].texts]))
-    pretrain_loss[name] = generation.lm_loss(cfg, params, corpus.arrays, batch_size=64,
-                                             max_batches=16)
+    # Batches of at most the corpus's rows: a short held-out corpus (the :tiny task packs
+    # into fewer than 64 rows) would otherwise give no full batch and a loss of 0.
+    pretrain_loss[name] = generation.lm_loss(
+        cfg, params, corpus.arrays, batch_size=min(64, len(corpus.arrays["input_ids"])),
+        max_batches=16)
   sft_cfg, sft_params = policies["sft"]
   win_rate, kl = {}, {}
   for name in names[1:]:
@@ -102,20 +115,22 @@ def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: st
                                               temperature=temperature)
     kl[name] = float(np.mean(lp - lp_sft))
   result = dict(
-      oracle_win_rate=win_rate["ppo"],
+      method=method, oracle_win_rate=win_rate[method],
       oracle_win_rate_no_ptx=win_rate.get("ppo_noptx"),
-      rm_accuracy=_rm_accuracy(settings.k, seed, workdir, task_dir, tokenizer),
-      kl_to_sft=kl["ppo"], kl_to_sft_no_ptx=kl.get("ppo_noptx"),
+      rm_accuracy=_rm_accuracy(settings.k, seed, workdir, task_dir, tokenizer)
+      if os.path.isdir(os.path.join(workdir, "rm", "export")) else None,
+      kl_to_sft=kl[method], kl_to_sft_no_ptx=kl.get("ppo_noptx"),
       pretrain_loss=pretrain_loss,
       alignment_tax={n: pretrain_loss[n] - pretrain_loss["sft"] for n in names[1:]},
       unsafe_rate=unsafe,
       oracle_score={n: float(np.mean(v)) for n, v in scores.items()},
       eos_rate={n: float(np.mean(samples[n].has_eos)) for n in names},
       n_prompts=len(texts), temperature=temperature, seed=seed)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
     report.write(workdir, result, texts, samples, scores)
+  distributed.barrier("pipeline: evaluation written")
   log.info("[eval] %s", json.dumps({k: result[k] for k in (
       "oracle_win_rate", "rm_accuracy", "kl_to_sft", "alignment_tax", "unsafe_rate")}))
   return result

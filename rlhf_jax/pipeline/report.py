@@ -47,13 +47,16 @@ def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict
           n_samples: int = 12) -> str:
   plots = _plot(workdir)
   cell = reporting.cell
-  metric_rows = [["oracle win rate, PPO-ptx over SFT", f"{result['oracle_win_rate']:.3f}"]]
+  method = result.get("method", "ppo")
+  label = {"ppo": "PPO-ptx"}.get(method, method.upper())
+  metric_rows = [[f"oracle win rate, {label} over SFT", f"{result['oracle_win_rate']:.3f}"]]
   if result.get("oracle_win_rate_no_ptx") is not None:
     metric_rows.append(["oracle win rate, PPO over SFT",
                         f"{result['oracle_win_rate_no_ptx']:.3f}"])
-  metric_rows.append(["RM pairwise accuracy (held-out, vs oracle)",
-                      f"{result['rm_accuracy']:.3f}"])
-  metric_rows.append(["KL(PPO-ptx ‖ SFT) per response", f"{result['kl_to_sft']:.3f}"])
+  if result.get("rm_accuracy") is not None:   # no RM in an offline (DPO) pipeline
+    metric_rows.append(["RM pairwise accuracy (held-out, vs oracle)",
+                        f"{result['rm_accuracy']:.3f}"])
+  metric_rows.append([f"KL({label} ‖ SFT) per response", f"{result['kl_to_sft']:.3f}"])
   if result.get("kl_to_sft_no_ptx") is not None:
     metric_rows.append(["KL(PPO ‖ SFT) per response", f"{result['kl_to_sft_no_ptx']:.3f}"])
   model_rows = []
@@ -63,7 +66,7 @@ def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict
                        f"{result['pretrain_loss'][name]:.4f}", f"{tax:+.4f}",
                        f"{result['unsafe_rate'][name]:.3f}", f"{result['eos_rate'][name]:.3f}"])
   sample_rows = [[cell(prompts[i]), cell(samples["sft"].texts[i]), f"{scores['sft'][i]:.2f}",
-                  cell(samples["ppo"].texts[i]), f"{scores['ppo'][i]:.2f}"]
+                  cell(samples[method].texts[i]), f"{scores[method][i]:.2f}"]
                  for i in range(min(n_samples, len(prompts)))]
   lines = ["# Evaluation on the built-in task", "",
            f"{result['n_prompts']} held-out prompts, sampling temperature "
@@ -72,7 +75,7 @@ def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict
   lines += [""] + reporting.table(["model", "oracle score", "pretraining loss",
                                    "alignment tax", "unsafe rate", "EOS rate"], model_rows)
   lines += ["", "## Samples", ""]
-  lines += reporting.table(["prompt", "SFT", "score", "PPO-ptx", "score"], sample_rows)
+  lines += reporting.table(["prompt", "SFT", "score", label, "score"], sample_rows)
   if plots:
     lines += ["", "## Training curves", ""] + reporting.image_links(plots)
   path = os.path.join(workdir, "report.md")

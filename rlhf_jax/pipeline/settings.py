@@ -34,6 +34,7 @@ def task_settings(variant=None) -> ml_collections.ConfigDict:
       sft_steps=10, sft_lr=1e-4,
       rm_steps=150, rm_lr=5e-4,
       ppo_iterations=200, ppo_lr=1e-4, ppo_batch_size=64,
+      dpo_steps=250, dpo_lr=5e-5,   # configs/dpo.py: on the RM's rankings, from SFT
       compare_no_ptx=True,    # also train plain PPO to measure the alignment tax
       evaluate=True,
   ))
@@ -41,6 +42,7 @@ def task_settings(variant=None) -> ml_collections.ConfigDict:
     s.corpus_docs, s.demonstrations, s.rm_prompts = 600, 48, 48
     s.eval_prompts, s.rm_eval_prompts, s.k = 32, 16, 3
     s.pretrain_steps, s.sft_steps, s.rm_steps, s.ppo_iterations = 6, 4, 4, 3
+    s.dpo_steps = 4
     s.ppo_batch_size = 16
   return s
 
@@ -108,9 +110,20 @@ STAGES = {
         "train.log_every": 1}),
 }
 STAGES["ppo_noptx"] = ("ppo", dict(STAGES["ppo"][1], **{"ppo.ptx_coef": 0.0}))
+# GRPO / RLOO / REINFORCE++ (configs/grpo.py) in PPO's place: PPO's rows, with as many
+# responses per rollout as PPO samples (ppo_batch_size / grpo.group_size prompts).
+STAGES["grpo"] = ("grpo", dict(STAGES["ppo"][1], **{
+    "train.batch_size": lambda c: max(c.pipeline.ppo_batch_size // c.grpo.group_size, 1)}))
+STAGES["dpo"] = ("dpo", {
+    "model.init_from": StageDir("sft"), "dpo.k_max": Setting("k"),
+    "data.train.path": File("comparisons_train.jsonl"),
+    "data.eval.path": File("comparisons_eval.jsonl"),
+    "train.steps": Setting("dpo_steps"), "optim.lr": Setting("dpo_lr"),
+    "optim.warmup_steps": 10})
 
 SCHEMAS = {"pretrain": lambda: config_lib.sft_config("pretrain"), "sft": config_lib.sft_config,
-           "rm": config_lib.rm_config, "ppo": config_lib.ppo_config}
+           "rm": config_lib.rm_config, "ppo": config_lib.ppo_config,
+           "dpo": config_lib.dpo_config, "grpo": config_lib.grpo_config}
 
 
 def _set(c, path: str, value) -> None:
@@ -142,7 +155,9 @@ def stage_config(stage: str, config, settings, workdir: str, task_dir: str):
   paths exist only once the stages before it have finished)."""
   schema, rows = STAGES[stage]
   c = SCHEMAS[schema]()
-  inherited = INHERITED + (PPO_INHERITED if schema == "ppo" else ())
+  inherited = INHERITED + (PPO_INHERITED if schema == "ppo" else ()) + \
+      (("dpo",) if schema == "dpo" else ()) + \
+      (PPO_INHERITED + ("grpo",) if schema == "grpo" else ())  # + the user's estimator, G
   for path in inherited:
     _set(c, path, copy.deepcopy(_get(config, path)))   # the user's config stays as given
   for path, value in list(COMMON.items()) + list(rows.items()):

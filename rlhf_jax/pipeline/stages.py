@@ -1,5 +1,13 @@
 """The built-in pipeline's steps besides training: the task's data, the oracle's rankings,
-and running one stage in its sub-workdir (reused once finished)."""
+and running one stage in its sub-workdir (reused once finished).
+
+Multi-process runs (the workdir on a filesystem every host shares): process 0 alone writes
+the task data, the rankings and the `DONE` markers; every process meets the others at a
+`distributed.barrier` after each write, before anyone reads it. Whether a step is already
+done is process 0's answer (`distributed.main_decides`), so that all processes take the same
+path through the collectives of training. The oracle's rankings are sampled on every
+process alike (each on its own first device, no collective) and written once.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +19,26 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import data, tasks
+from rlhf_jax import data, distributed, tasks
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax import generation
 from rlhf_jax.pipeline.settings import MAX_NEW_TOKENS, MAX_PROMPT_LEN
-from rlhf_jax.trainers import ppo, rm, sft
+from rlhf_jax.trainers import dpo, grpo, ppo, rm, sft
 
 log = logging.getLogger("rlhf_jax")
 
 # stage of the pipeline -> the trainer module that trains it
-TRAINERS = {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo, "ppo_noptx": ppo}
+TRAINERS = {"pretrain": sft, "sft": sft, "rm": rm, "ppo": ppo, "ppo_noptx": ppo,
+            "dpo": dpo, "grpo": grpo}
 
 
 def _done(stage_dir: str) -> bool:
-  return os.path.isfile(os.path.join(stage_dir, "export", "DONE"))
+  """The stage finished in an earlier run (process 0's view, on every process)."""
+  return distributed.main_decides(os.path.isfile(os.path.join(stage_dir, "export", "DONE")))
 
 
 def _mark_done(stage_dir: str) -> None:
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(os.path.join(stage_dir, "export", "DONE"), "w") as f:
       f.write("ok\n")
 
@@ -36,12 +46,12 @@ def _mark_done(stage_dir: str) -> None:
 def prepare_task_data(settings, seed: int, task_dir: str) -> None:
   """Writes the task's tokenizer and jsonl datasets once per workdir."""
   marker = os.path.join(task_dir, "DONE")
-  if os.path.isfile(marker):
+  if distributed.main_decides(os.path.isfile(marker)):
     return
   log.info("[pipeline] writing the built-in task's data to %s", task_dir)
-  os.makedirs(task_dir, exist_ok=True)
   pc = settings
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
+    os.makedirs(task_dir, exist_ok=True)
     tasks.build_tokenizer().save_pretrained(os.path.join(task_dir, "tokenizer"))
     world = task_config(settings)
     tasks.write_datasets(task_dir, seed=seed, config=world, sizes=dict(
@@ -56,6 +66,7 @@ def prepare_task_data(settings, seed: int, task_dir: str) -> None:
         f.write(json.dumps(dict(text=text)) + "\n")
     with open(marker, "w") as f:
       f.write("ok\n")
+  distributed.barrier("pipeline: task data written")
 
 
 def task_config(settings):
@@ -76,6 +87,8 @@ def run_stage(stage: str, stage_config, stage_dir: str) -> dict:
   result = TRAINERS[stage].train(stage_config, stage_dir)
   if not result.get("preempted"):
     _mark_done(stage_dir)
+  # Process 0 writes the export after the others leave `train`; the next stage reads it.
+  distributed.barrier(f"pipeline: {stage} exported")
   return result
 
 
@@ -83,7 +96,7 @@ def collect_rankings(settings, seed: int, workdir: str, task_dir: str) -> None:
   """K SFT samples per prompt, ranked by the hidden oracle labeler (with its noise)."""
   out_train = os.path.join(task_dir, "comparisons_train.jsonl")
   out_eval = os.path.join(task_dir, "comparisons_eval.jsonl")
-  if os.path.isfile(out_train) and os.path.isfile(out_eval):
+  if distributed.main_decides(os.path.isfile(out_train) and os.path.isfile(out_eval)):
     return
   pc = settings
   policy_dir = workdir_lib.resolve_model_dir(os.path.join(workdir, "sft"), "causal")
@@ -110,11 +123,12 @@ def collect_rankings(settings, seed: int, workdir: str, task_dir: str) -> None:
                                                               finished=finished))
       rows.append(dict(prompt=prompt, responses=responses, ranks=[int(r) for r in ranks],
                        finished=finished))
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
       with open(out + ".tmp", "w") as f:
         for row in rows:
           f.write(json.dumps(row) + "\n")
       os.replace(out + ".tmp", out)
+  distributed.barrier("pipeline: rankings written")
 
 
 def tie_identical(responses, finished, ranks) -> list:

@@ -1,8 +1,19 @@
-"""Glue between config data specs, `rlhf_jax.data` loaders and the host loop."""
+"""Glue between config data specs, `rlhf_jax.data` loaders and the host loop.
+
+The trainers load their datasets with `load`: through the on-disk token cache
+(`data.load_cached`), so that each of the job's processes tokenizes its share of the rows
+and holds only the rows of its batches. The cache lives in ``$RLHF_JAX_DATA_CACHE`` when
+set, else in the run's ``<workdir>/data_cache`` (`use_workdir_cache`, which `run.run` calls;
+the workdir is shared by every process of a job), else (a trainer called directly) in
+``$XDG_CACHE_HOME/rlhf_jax/data``, i.e. ``~/.cache/rlhf_jax/data``. On a cluster it must be
+a directory every process sees; ``RLHF_JAX_DATA_CACHE=off`` loads every
+dataset whole in every process instead (the dense arrays, no files written).
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +28,55 @@ def spec_from_config(spec_cfg):
       columns={role: name for role, name in spec_cfg.columns.items() if name},
       on_bad_row=spec_cfg.on_bad_row,
       max_rows=spec_cfg.max_rows or None)
+
+
+CACHE_ENV = "RLHF_JAX_DATA_CACHE"
+
+
+# Set by `use_workdir_cache` for the run in progress (launch/train.py -> run.run).
+_workdir_cache = None
+
+
+def use_workdir_cache(workdir: str) -> None:
+  """Makes `<workdir>/data_cache` the default token cache of this run.
+
+  Every process of a job already shares its workdir (the checkpoints live there), whereas
+  `~/.cache` is usually local to a node: a pod or cluster job would otherwise stop at the
+  cache's "every process must see it" check.
+  """
+  global _workdir_cache
+  _workdir_cache = os.path.join(workdir, "data_cache")
+
+
+def data_cache_dir():
+  """The token cache directory (module docstring), or None when it is turned off."""
+  value = os.environ.get(CACHE_ENV)
+  if value is None and _workdir_cache is not None:
+    return _workdir_cache
+  if value is None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return os.path.expanduser(os.path.join(base, "rlhf_jax", "data"))
+  if value.strip().lower() in ("", "off", "0", "none"):
+    return None
+  return os.path.expanduser(value)
+
+
+def _barrier(name: str) -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
+
+
+def load(kind: str, spec, tokenizer, **params):
+  """Dataset `kind` ("sft", "comparisons", "prompts", "text") with the loader's params,
+  through the token cache shared by this job's processes (module docstring)."""
+  from rlhf_jax import data
+  cache_dir = data_cache_dir()
+  if cache_dir is None:
+    return data.load_kind(kind, spec, tokenizer, params)
+  count = jax.process_count()
+  return data.load_cached(kind, spec, tokenizer, params, cache_dir,
+                          process_index=jax.process_index(), process_count=count,
+                          barrier=_barrier if count > 1 else None)
 
 
 def total_steps(train_cfg, n_examples: int) -> int:

@@ -8,13 +8,14 @@ empty means a random init of `model.preset`, sized to the tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
 import jax
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import models, sharding
+from rlhf_jax import models, sampling, sharding
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.errors import ConfigError, UserError
 from rlhf_jax.trainers import state as state_lib
@@ -59,6 +60,40 @@ def check_vocab(tokenizer, cfg, what: str) -> None:
         "model.init_from to a matching pair)")
 
 
+def frozen_weights(cfg, params):
+  """A read-only model's params in the compute dtype, with the same forward pass.
+
+  Every matrix but a scalar head is cast to `cfg.dtype`, which is what the layers do to it
+  before every use (`sampling.compute_dtype_weights`), so a model that is only read
+  (PPO's reference policy and reward model) gives the same numbers at 2 bytes a param under
+  bfloat16 instead of the float32 master's 4. The scalar head ([D, 1]) is read in float32
+  (`score_head`) and vectors (norm scales, biases) as they are: both stay untouched.
+  """
+  cast = sampling.compute_dtype_weights(cfg, {k: v for k, v in params.items() if k != "head"})
+  if "head" in params:
+    cast["head"] = params["head"]
+  return cast
+
+
+def frozen(model: Model) -> Model:
+  """`model` as a read-only compute-dtype copy (`frozen_weights`), sharded as before.
+
+  No optimiser state and no float32 master copy: the caller drops the float32 params.
+  Under float32 compute the model comes back as it is; abstract params
+  (`jax.ShapeDtypeStruct`, as the memory benchmark uses) come back abstract.
+  """
+  target = jax.eval_shape(functools.partial(frozen_weights, model.cfg), model.params)
+  if all(t.dtype == p.dtype for t, p in zip(jax.tree.leaves(target),
+                                            jax.tree.leaves(model.params))):
+    return model
+  if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(model.params)):
+    params = state_lib.abstract_with_shardings(target, model.shardings)
+  else:
+    params = jax.jit(functools.partial(frozen_weights, model.cfg),
+                     out_shardings=model.shardings)(model.params)
+  return dataclasses.replace(model, params=params)
+
+
 def place(mesh, rules, cfg, kind: str, host_params, source: str = "") -> Model:
   """Host (numpy) params -> a `Model` sharded over `mesh` by the rules table."""
   shardings = state_lib.model_shardings(mesh, cfg, kind, rules)
@@ -74,18 +109,19 @@ def initial_model(config, mesh, rules, kind: str, init_from: str, seed_offset: i
                   attention_dropout=float(config.model.attention_dropout))
   if init_from:
     model_dir = workdir_lib.resolve_model_dir(init_from, kind, field)
-    cfg, params = models.load_hf(model_dir)
+    # Each device reads only its slice of each tensor: no host holds the whole checkpoint.
+    cfg, loaded_kind, params = models.load_hf_sharded(
+        model_dir, lambda c, k: state_lib.model_shardings(mesh, c, k, rules), kind=kind)
     cfg = cfg.replace(**settings)
-    loaded_kind = "scalar" if "head" in params else "causal"
     fresh_head = loaded_kind != kind
-    if fresh_head:
-      if kind == "scalar":
-        params = models.causal_to_scalar(cfg, params,
-                                         jax.random.PRNGKey(config.seed + seed_offset))
-      else:
-        raise ConfigError(field, init_from, "a causal LM (got a reward/value model)")
-    model = place(mesh, rules, cfg, kind, jax.device_get(params), model_dir)
-    model.fresh_head = fresh_head
+    if fresh_head and kind != "scalar":
+      raise ConfigError(field, init_from, "a causal LM (got a reward/value model)")
+    shardings = state_lib.model_shardings(mesh, cfg, kind, rules)
+    if fresh_head:  # only the backbone was read; the small new head is made on every host
+      head = models.causal_to_scalar(cfg, params, jax.random.PRNGKey(config.seed + seed_offset))
+      params = dict(params, head=state_lib.place(jax.device_get(head["head"]),
+                                                 shardings["head"]))
+    model = Model(cfg, params, shardings, model_dir, fresh_head)
   else:
     try:
       cfg = models.get_preset(config.model.preset).replace(**settings)

@@ -24,6 +24,7 @@ the value model to `export/value_model`). The benchmarks and the scale-out tests
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -36,6 +37,8 @@ from rlhf_jax import data, losses, objectives, optim, reward_fns, sampling, shar
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.errors import ConfigError
+from rlhf_jax import models as models_lib
+from rlhf_jax.models import lora
 from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import ppo_experience as experience_lib
 from rlhf_jax.trainers import ppo_rewards, ppo_setup
@@ -47,13 +50,19 @@ VALUE_MODEL_EXPORT = "value_model"   # <workdir>/export/value_model (HF sequence
 
 
 def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_len: int,
-                   use_ptx: bool):
-  """(state, experience, ptx_batch, rng) -> (state, metrics): epochs × minibatch scans."""
+                   use_ptx: bool, policy_lora=None, value_lora=None):
+  """(state, experience, ptx_batch, rng, frozen=None) -> (state, metrics): epochs ×
+  minibatch scans. With LoRA (`policy_lora` / `value_lora`: a `models.lora.Spec`), the
+  state's policy / value are trainable trees and `frozen` = (policy base, value base)."""
   temperature = float(ppo_cfg.temperature)
   n_mb, epochs = int(ppo_cfg.minibatches), int(ppo_cfg.epochs)
 
-  def loss_fn(trainable, mb, ptx_mb):
+  def loss_fn(trainable, mb, ptx_mb, frozen):
     policy, value = trainable
+    if policy_lora is not None:
+      policy = lora.full_params(policy_cfg, frozen[0], policy, policy_lora)
+    if value_lora is not None:
+      value = lora.full_params(value_cfg, frozen[1], value, value_lora)
     logp, entropy = objectives.response_logprobs(
         policy_cfg, policy, mb.input_ids, mb.attention_mask, prompt_len, temperature,
         with_entropy=True)
@@ -76,10 +85,10 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def minibatch_step(carry, xs):
+  def minibatch_step(carry, xs, frozen=None):
     policy, value, p_opt, v_opt = carry
     mb, ptx_mb = xs
-    (loss, metrics), (g_policy, g_value) = grad_fn((policy, value), mb, ptx_mb)
+    (loss, metrics), (g_policy, g_value) = grad_fn((policy, value), mb, ptx_mb, frozen)
     up, p_opt = policy_tx.update(g_policy, p_opt, policy)
     policy = jax.tree.map(jnp.add, policy, up)
     up, v_opt = value_tx.update(g_value, v_opt, value)
@@ -87,7 +96,7 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
     finite = state_lib.all_finite(loss, g_policy, g_value)
     return (policy, value, p_opt, v_opt), dict(metrics, loss=loss, finite=finite)
 
-  def update(state, exp, ptx_batch, rng):
+  def update(state, exp, ptx_batch, rng, frozen=None):
     batch = exp.input_ids.shape[0]
     if use_ptx:  # [minibatches * ptx_batch, T] -> one pretraining slice per minibatch
       ptx_batch = jax.tree.map(lambda x: x.reshape((n_mb, -1) + x.shape[1:]), ptx_batch)
@@ -95,7 +104,8 @@ def make_update_fn(policy_cfg, value_cfg, ppo_cfg, policy_tx, value_tx, prompt_l
     def epoch(carry, key):
       perm = jax.random.permutation(key, batch)
       mbs = jax.tree.map(lambda x: x[perm].reshape((n_mb, -1) + x.shape[1:]), exp)
-      return jax.lax.scan(minibatch_step, carry, (mbs, ptx_batch))
+      return jax.lax.scan(functools.partial(minibatch_step, frozen=frozen), carry,
+                          (mbs, ptx_batch))
 
     carry = (state["policy"], state["value"], state["policy_opt"], state["value_opt"])
     carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(rng, epochs))
@@ -130,7 +140,10 @@ def make_kl_update_fn(ppo_cfg, batch_size: int):
 @dataclasses.dataclass
 class Models:
   """PPO's models: the SFT policy (the frozen reference and the trained copy's start), the
-  value model and the reward model with its normalisation, and/or a reward function."""
+  value model and the reward model with its normalisation, and/or a reward function.
+
+  The reward model is a compute-dtype copy (`model_init.frozen`); `build` makes the policy
+  the float32 start of the trained copy and keeps a compute-dtype copy as the reference."""
   policy: Model
   value: Model
   reward: Optional[Model]     # None: the reward function alone scores
@@ -159,12 +172,7 @@ def load_models(config, mesh, tokenizer, reward_fn=None) -> Models:
   value_dir = workdir_lib.resolve_model_dir(value_from, "scalar", value_field)
   policy = model_init.initial_model(config, mesh, rules, "causal", config.model.init_from,
                                     tokenizer=tokenizer)
-  reward, normalization = None, dict(workdir_lib.NO_NORMALIZATION)
-  if p.reward_from:
-    reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
-    reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
-                                      tokenizer=tokenizer, field="ppo.reward_from")
-    normalization = workdir_lib.read_rm_normalization(reward_dir)
+  reward, normalization = load_reward_model(config, mesh, rules, tokenizer)
   value = model_init.initial_model(config, mesh, rules, "scalar", value_from,
                                    tokenizer=tokenizer, seed_offset=1, field=value_field)
   if not value.fresh_head:   # started from a reward model: read in the rewards' units
@@ -175,6 +183,19 @@ def load_models(config, mesh, tokenizer, reward_fn=None) -> Models:
                 eos_id=eos_id, pad_id=pad_id,
                 stop_ids=tuple(data.stop_ids(tokenizer, policy_dir)), reward_fn=reward_fn,
                 tokenizer=tokenizer)
+
+
+def load_reward_model(config, mesh, rules, tokenizer) -> tuple:
+  """(the reward model `ppo.reward_from` as a frozen compute-dtype copy, its normalisation),
+  or (None, no normalisation) without one. GRPO / RLOO / REINFORCE++ load it here too."""
+  p = config.ppo
+  if not p.reward_from:
+    return None, dict(workdir_lib.NO_NORMALIZATION)
+  reward_dir = workdir_lib.resolve_model_dir(p.reward_from, "scalar", "ppo.reward_from")
+  reward = model_init.initial_model(config, mesh, rules, "scalar", p.reward_from,
+                                    tokenizer=tokenizer, field="ppo.reward_from")
+  reward = model_init.frozen(reward)   # only read: compute dtype, no optimiser state
+  return reward, workdir_lib.read_rm_normalization(reward_dir)
 
 
 def _value_source(config) -> tuple:
@@ -220,7 +241,33 @@ class Parts:
   abstract_state: Callable    # () -> ShapeDtypeStructs with shardings (restore target)
   kl_fn: Callable             # jitted (state, observed KL) -> state
   response_buckets: tuple
+  lora: Any = None            # models.lora.Spec of the policy (None: full fine-tuning) ...
+  value_lora: Any = None      # ... and of the value model; their state trees are adapters
   _by_prompt_len: dict = dataclasses.field(default_factory=dict)
+  _merge_fns: dict = dataclasses.field(default_factory=dict)
+
+  def frozen(self):
+    """The frozen bases the update merges the adapters into (None without LoRA)."""
+    if self.lora is None and self.value_lora is None:
+      return None
+    return (self.models.policy.params if self.lora else None,
+            self.models.value.params if self.value_lora else None)
+
+  def policy_params(self, trainable):
+    """The policy state["policy"] stands for (the merged model under LoRA)."""
+    return self._merged("policy", self.lora, trainable)
+
+  def value_params(self, trainable):
+    return self._merged("value", self.value_lora, trainable)
+
+  def _merged(self, name: str, spec, trainable):
+    if spec is None:
+      return trainable
+    model = getattr(self.models, name)
+    if name not in self._merge_fns:
+      self._merge_fns[name] = jax.jit(
+          lambda base, t: lora.changed_leaves(model.cfg, base, t, spec))
+    return lora.with_leaves(model.params, self._merge_fns[name](model.params, trainable))
 
   def fns(self, prompt_len: int):
     """(experience fn, update fn) jitted for prompts of `prompt_len` tokens (one per bucket)."""
@@ -231,8 +278,10 @@ class Parts:
               m.policy.cfg, m.value.cfg, m.reward.cfg if m.reward else None, p,
               m.normalization, m.finish_ids(), prompt_len)),
           jax.jit(make_update_fn(m.policy.cfg, m.value.cfg, p, self.policy_tx, self.value_tx,
-                                 prompt_len, use_ptx=self.use_ptx),
-                  in_shardings=(self.shardings, None, None, None),
+                                 prompt_len, use_ptx=self.use_ptx, policy_lora=self.lora,
+                                 value_lora=self.value_lora),
+                  in_shardings=(self.shardings, None, None, None) + (
+                      () if self.frozen() is None else (None,)),
                   out_shardings=(self.shardings, None), donate_argnums=(0,)))
     return self._by_prompt_len[prompt_len]
 
@@ -250,10 +299,29 @@ def build(config, mesh, models: Models, use_ptx: bool) -> Parts:
   updates = int(p.iterations) * p.epochs * p.minibatches
   policy_tx = optim.make_optimizer(config.optim, updates)
   value_tx = optim.make_optimizer(config.optim, updates, lr_scale=p.value_lr_scale)
-  policy = jax.tree.map(jnp.copy, models.policy.params)  # the trained copy; the ref stays
+  # The trained copy keeps the float32 master weights; the reference (`models.policy` from
+  # here on) is a compute-dtype copy that is only read: no optimiser state, no float32 copy.
+  dtypes = {jnp.dtype(x.dtype).name for x in jax.tree.leaves(models.policy.params)}
+  if dtypes != {"float32"}:   # e.g. the compute-dtype reference of an earlier `build`
+    raise ValueError(f"ppo.build: models.policy holds {sorted(dtypes)} params; expected the "
+                     "float32 master weights `load_models` gives, not a built reference")
+  spec = lora.spec_from_config(config.model.get("lora"))
+  value_spec = spec if spec is not None and p.get("value_lora", True) else None
+  if spec is None:
+    policy = jax.tree.map(_trained_copy, models.policy.params)
+  models = dataclasses.replace(models, policy=model_init.frozen(models.policy))
+  policy_shard, value, value_shard = models.policy.shardings, models.value.params, \
+      models.value.shardings
+  # LoRA: the state holds adapters only; the frozen base of the policy IS the reference
+  # (one compute-dtype copy, read by both), and the value model's base is frozen alike.
+  if spec is not None:
+    policy, policy_shard = _lora_trainable(config, mesh, models.policy, spec, 0)
+  if value_spec is not None:
+    value, value_shard = _lora_trainable(config, mesh, models.value, value_spec, 1)
+    models = dataclasses.replace(models, value=model_init.frozen(models.value))
   shardings, base_init, _ = state_lib.build(
-      mesh, config.seed, {"policy": (policy, models.policy.shardings, policy_tx),
-                          "value": (models.value.params, models.value.shardings, value_tx)})
+      mesh, config.seed, {"policy": (policy, policy_shard, policy_tx),
+                          "value": (value, value_shard, value_tx)})
   # A plain dict in the state (checkpoints as such); KLControllerState(**d) to update it.
   kl_init = losses.kl_controller_init(p.kl_controller, p.kl_coef, p.kl_target,
                                       p.kl_horizon)._asdict()
@@ -276,7 +344,25 @@ def build(config, mesh, models: Models, use_ptx: bool) -> Parts:
   return Parts(config=config, mesh=mesh, models=models, use_ptx=use_ptx, policy_tx=policy_tx,
                value_tx=value_tx, shardings=shardings, init_state=init_state,
                abstract_state=abstract_state, kl_fn=kl_fn,
-               response_buckets=batching.response_buckets(config, p.max_new_tokens))
+               response_buckets=batching.response_buckets(config, p.max_new_tokens),
+               lora=spec, value_lora=value_spec)
+
+
+def _lora_trainable(config, mesh, model: Model, spec, offset: int) -> tuple:
+  """(LoRA trainable tree on the mesh, its shardings) for `model` (`models.lora`)."""
+  kind = "scalar" if "head" in model.params else "causal"
+  trainable, shard = state_lib.lora_trainable(
+      mesh, model.cfg, model.params, spec, state_lib.parse_rules(config.sharding_rules),
+      config.seed, offset)
+  log.info("[ppo] LoRA rank %d on the %s: %d trained params", spec.rank,
+           "value model" if kind == "scalar" else "policy", lora.count(model.cfg, spec, kind))
+  return trainable, shard
+
+
+def _trained_copy(x):
+  """A fresh buffer for the trained policy (the state is donated; the reference stays);
+  abstract params (the memory benchmark's) stay abstract."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x)
 
 
 def rollout(parts: Parts, policy, batch, key):
@@ -327,19 +413,22 @@ def iteration(parts: Parts, state, batch, ptx_batch, key, prompts=None, samples:
   p = parts.config.ppo
   t0 = time.perf_counter()
   gen_key, perm_key = jax.random.split(key)
-  out = rollout(parts, state["policy"], batch, gen_key)
+  policy = parts.policy_params(state["policy"])   # merged once per rollout under LoRA
+  out = rollout(parts, policy, batch, gen_key)
   jax.block_until_ready(out.tokens)
   t1 = time.perf_counter()
   _, update_fn = parts.fns(batch["input_ids"].shape[1])
-  exp, metrics, scored = experience(parts, state["policy"], state["value"],
+  exp, metrics, scored = experience(parts, policy, parts.value_params(state["value"]),
                                     state["kl_ctl"]["kl_coef"], batch, out, prompts)
+  del policy
   jax.block_until_ready(exp)
   t2 = time.perf_counter()
   rows = ppo_rewards.sample_rows(parts.models, batch, out, exp, samples, prompts, scored) \
       if samples > 0 else None
   if ptx_batch is None:
     ptx_batch = jnp.zeros((p.minibatches,))
-  state, train_metrics = update_fn(state, exp, ptx_batch, perm_key)
+  frozen = () if parts.frozen() is None else (parts.frozen(),)   # LoRA: the bases
+  state, train_metrics = update_fn(state, exp, ptx_batch, perm_key, *frozen)
   state = parts.kl_fn(state, metrics["kl"])
   jax.block_until_ready(state["step"])
   t3 = time.perf_counter()
@@ -358,7 +447,8 @@ def _generated(mask):
 
 def exported_policy(parts: Parts, state):
   """The policy `train` exports: the EMA of the policy when `ppo.ema_decay` > 0."""
-  return state["ema"] if parts.config.ppo.ema_decay > 0 else state["policy"]
+  return state["ema"] if parts.config.ppo.ema_decay > 0 else \
+      parts.policy_params(state["policy"])
 
 
 def evaluate(parts: Parts, state, batches, base_key, prompts=None) -> dict:
@@ -377,7 +467,8 @@ def evaluate(parts: Parts, state, batches, base_key, prompts=None) -> dict:
     means: dict = {"score": [], "kl": [], "fn_score": []}
     for i, batch in enumerate(batches):
       out = rollout(parts, policy, batch, jax.random.fold_in(base_key, 10**6 + i))
-      _, m, _ = experience(parts, policy, state["value"], zero_beta, batch, out, prompts[i])
+      _, m, _ = experience(parts, policy, parts.value_params(state["value"]), zero_beta, batch,
+                           out, prompts[i])
       for key in means:
         if key in m:
           means[key].append(float(m[key]))
@@ -464,6 +555,22 @@ def train(config, workdir: str) -> dict:
     return loop.run(stage, workdir, config.train)
 
 
+def _export_params(parts: Parts, name: str, state):
+  """The params `export_models` writes for `name` ("policy": the EMA when on). Under LoRA
+  with a compute-dtype (bfloat16) base, the float32 base is re-read from its HF dir on the
+  host and merged there, so the export is W + s·A·B of the float32 weights."""
+  spec = parts.lora if name == "policy" else parts.value_lora
+  if spec is None:
+    return exported_policy(parts, state) if name == "policy" else state["value"]
+  model, trainable = getattr(parts.models, name), state[name]
+  if all(jnp.dtype(x.dtype) == jnp.float32 for x in jax.tree.leaves(model.params)):
+    return getattr(parts, f"{name}_params")(trainable)
+  kind = "causal" if name == "policy" else "scalar"
+  source = parts.config.model.init_from if name == "policy" else _value_source(parts.config)[0]
+  _, host = models_lib.load_hf(workdir_lib.resolve_model_dir(source, kind))
+  return lora.full_params(model.cfg, host, workdir_lib.host_copy(trainable), spec, xp=np)
+
+
 def export_models(parts: Parts, state, workdir: str, tokenizer) -> dict:
   """Writes the exported policy (`export/policy`) and the value model (`export/value_model`)
   in HF format; returns name -> directory.
@@ -474,11 +581,19 @@ def export_models(parts: Parts, state, workdir: str, tokenizer) -> dict:
   minus that mean is our value, and `ppo.value_from=<that dir>` restores it exactly.
   """
   m = parts.models
-  value = dict(state["value"], head=dict(state["value"]["head"]))
+  value = _export_params(parts, "value", state)
+  value = dict(value, head=dict(value["head"]))
   bias = float(np.asarray(workdir_lib.host_copy(value["head"]["bias"])).reshape(-1)[0])
   value["head"]["bias"] = jnp.zeros_like(value["head"]["bias"])
+  out = {}
+  if parts.lora is not None and parts.config.model.lora.export_adapter:
+    out["LoRA adapter (PEFT)"] = workdir_lib.export_adapter(
+        workdir, m.policy.cfg, state["policy"]["adapters"], parts.lora,
+        workdir_lib.resolve_model_dir(parts.config.model.init_from, "causal"))
   return {
-      "policy": workdir_lib.export(workdir, m.policy.cfg, exported_policy(parts, state),
+      **out,
+      "policy": workdir_lib.export(workdir, m.policy.cfg,
+                                   _export_params(parts, "policy", state),
                                    tokenizer, "causal"),
       "value model": workdir_lib.export(
           workdir, m.value.cfg, value, tokenizer, "scalar", name=VALUE_MODEL_EXPORT,

@@ -49,10 +49,7 @@ def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization
   plus `ppo_cfg.reward_fn_weight` × these.
   """
   temperature = float(ppo_cfg.temperature)
-  # A response "finished" when it holds any stop id (EOS, or a chat template's end of turn).
-  stops = jnp.asarray(list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id],
-                      jnp.int32)
-  rm_weight, fn_weight = float(ppo_cfg.reward_model_weight), float(ppo_cfg.reward_fn_weight)
+  stops = stop_array(eos_id)
 
   def fn(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens, response_mask,
          fn_scores=None):
@@ -63,24 +60,9 @@ def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization
                                                      temperature, with_entropy=True)
     ref_logp = objectives.response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
     values = objectives.response_values(value_cfg, value, ids, mask, prompt_len) * rmask
-    length = jnp.sum(response_mask, axis=1).astype(jnp.int32)
-    last = prompt_len - 1 + length   # the last response token (the prompt's end if empty)
-    reward_metrics = {}
-    score = jnp.zeros(ids.shape[:1], jnp.float32)
-    if reward_cfg is not None:
-      rm_score, raw = objectives.normalized_scores(reward_cfg, reward, ids, mask, last,
-                                                   normalization)
-      # × 1.0 is exact: an RM-only run's score is the normalised RM score, bit for bit.
-      score = score + rm_weight * rm_score
-      reward_metrics.update(raw_score=jnp.mean(raw), rm_score=jnp.mean(rm_score))
-    if fn_scores is not None:
-      fn_scores = fn_scores.astype(jnp.float32)
-      score = score + fn_weight * fn_scores
-      reward_metrics["fn_score"] = jnp.mean(fn_scores)
-    if reward_cfg is None and fn_scores is None:
-      raise ValueError("make_experience_fn: no reward model (reward_cfg) and no fn_scores")
-    has_eos = jnp.any(jnp.isin(tokens, stops) & (response_mask > 0), axis=1)
-    score = jnp.where(has_eos, score, score - ppo_cfg.no_eos_penalty)
+    score, has_eos, length, reward_metrics = response_scores(
+        reward_cfg, reward, ids, mask, tokens, response_mask, prompt_len, normalization,
+        stops, ppo_cfg, fn_scores)
     rewards = losses.kl_penalized_rewards(score, old_logp, ref_logp, rmask, kl_coef,
                                           kind=ppo_cfg.kl_kind)
     advantages, returns = losses.gae(rewards, values, rmask, ppo_cfg.gamma, ppo_cfg.lam)
@@ -104,3 +86,38 @@ def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization
     return exp, metrics
 
   return fn
+
+
+def stop_array(eos_id) -> jax.Array:
+  """The stop id(s) as an int32 array: a response "finished" when it holds any of them (EOS,
+  or a chat template's end of turn)."""
+  return jnp.asarray(list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id],
+                     jnp.int32)
+
+
+def response_scores(reward_cfg, reward, ids, mask, tokens, response_mask, prompt_len: int,
+                    normalization: dict, stops, ppo_cfg, fn_scores=None):
+  """Each response's score (the module docstring's `score`), shared with GRPO's rollout.
+
+  Returns (score [B], has_eos [B], length [B] int32, reward metrics).
+  """
+  rm_weight, fn_weight = float(ppo_cfg.reward_model_weight), float(ppo_cfg.reward_fn_weight)
+  length = jnp.sum(response_mask, axis=1).astype(jnp.int32)
+  last = prompt_len - 1 + length   # the last response token (the prompt's end if empty)
+  reward_metrics = {}
+  score = jnp.zeros(ids.shape[:1], jnp.float32)
+  if reward_cfg is not None:
+    rm_score, raw = objectives.normalized_scores(reward_cfg, reward, ids, mask, last,
+                                                 normalization)
+    # × 1.0 is exact: an RM-only run's score is the normalised RM score, bit for bit.
+    score = score + rm_weight * rm_score
+    reward_metrics.update(raw_score=jnp.mean(raw), rm_score=jnp.mean(rm_score))
+  if fn_scores is not None:
+    fn_scores = fn_scores.astype(jnp.float32)
+    score = score + fn_weight * fn_scores
+    reward_metrics["fn_score"] = jnp.mean(fn_scores)
+  if reward_cfg is None and fn_scores is None:
+    raise ValueError("make_experience_fn: no reward model (reward_cfg) and no fn_scores")
+  has_eos = jnp.any(jnp.isin(tokens, stops) & (response_mask > 0), axis=1)
+  score = jnp.where(has_eos, score, score - ppo_cfg.no_eos_penalty)
+  return score, has_eos, length, reward_metrics

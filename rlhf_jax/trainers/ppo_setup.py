@@ -26,20 +26,20 @@ log = logging.getLogger("rlhf_jax")
 def load_data(config, tokenizer):
   """Prompts (train, and eval when given) and, for PPO-ptx, packed pretraining text."""
   p = config.ppo
-  prompts = data.load_prompts(batching.spec_from_config(config.data.train), tokenizer,
-                              config.data.max_prompt_len)
+  prompts = batching.load("prompts", batching.spec_from_config(config.data.train), tokenizer,
+                          max_prompt_len=config.data.max_prompt_len)
   log.info("[ppo] prompts: %s", prompts.report)
   eval_prompts = None
   if config.data.eval.path:
-    eval_prompts = data.load_prompts(batching.spec_from_config(config.data.eval), tokenizer,
-                                     config.data.max_prompt_len)
+    eval_prompts = batching.load("prompts", batching.spec_from_config(config.data.eval),
+                                 tokenizer, max_prompt_len=config.data.max_prompt_len)
   ptx = None
   if p.ptx_coef > 0:
     if not config.data.ptx.path:
       raise ConfigError("data.ptx.path", "", "a plain-text dataset when ppo.ptx_coef > 0 "
                         "(or set --config.ppo.ptx_coef=0 for plain PPO)")
-    ptx = data.load_text(batching.spec_from_config(config.data.ptx), tokenizer,
-                         config.data.max_len, pack=True)
+    ptx = batching.load("text", batching.spec_from_config(config.data.ptx), tokenizer,
+                        seq_len=config.data.max_len, pack=True)
     log.info("[ppo] pretraining data: %s", ptx.report)
     _check_ptx_size(config, ptx)
   return prompts, eval_prompts, ptx
@@ -64,13 +64,14 @@ class RunLogs:
   rows a killed run wrote after its last checkpoint are dropped first.
   """
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, stage: str = "ppo"):
+    self.stage = stage     # the `stage` of the rows (GRPO's run logs as "grpo")
     self.every, self.n = int(config.train.sample_every), int(config.train.samples_logged)
     self.workdir = workdir
     self.main = jax.process_index() == 0
     self.wandb = None
     if config.train.wandb and self.main:
-      self.wandb = metrics_lib.WandbSink(config.train.wandb, workdir, "ppo",
+      self.wandb = metrics_lib.WandbSink(config.train.wandb, workdir, stage,
                                          config=config.to_dict())
     self.samples: Optional[samples_log.SamplesWriter] = None
 
@@ -81,7 +82,7 @@ class RunLogs:
 
   def write_samples(self, index: int, rows) -> None:
     if self.samples is None and self.main:
-      self.samples = samples_log.SamplesWriter(self.workdir, "ppo", resume_step=index,
+      self.samples = samples_log.SamplesWriter(self.workdir, self.stage, resume_step=index,
                                                wandb=self.wandb)
     if rows and self.samples is not None:
       self.samples.write(index + 1, rows)

@@ -150,9 +150,10 @@ def stop_ids_of(config, tokenizer) -> list:
 
 
 def load_data(config, tokenizer, split_cfg):
-  return data.load_comparisons(batching.spec_from_config(split_cfg), tokenizer,
-                               config.data.max_prompt_len, config.data.max_len, config.rm.k_max,
-                               stop_ids=stop_ids_of(config, tokenizer))
+  return batching.load("comparisons", batching.spec_from_config(split_cfg), tokenizer,
+                       max_prompt_len=config.data.max_prompt_len,
+                       max_len=config.data.max_len, k_max=config.rm.k_max,
+                       stop_ids=stop_ids_of(config, tokenizer))
 
 
 def build(config, mesh, model: Model, total_steps: int) -> single_model.Parts:

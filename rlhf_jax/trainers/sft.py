@@ -16,7 +16,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import data, objectives
+from rlhf_jax import objectives
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.trainers import batching, single_model
 from rlhf_jax.trainers import state as state_lib
@@ -27,14 +27,18 @@ log = logging.getLogger("rlhf_jax")
 BUCKET_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
-def make_train_step(cfg, tx, grad_accum: int):
+def make_train_step(cfg, tx, grad_accum: int, to_params=None):
   """One update from a global batch, split into `grad_accum` microbatches (lax.scan).
 
   Each microbatch's mean loss is weighted by its share of the batch's loss tokens, so the
-  accumulated gradient equals the token-level mean over the whole batch.
+  accumulated gradient equals the token-level mean over the whole batch. `to_params`
+  (LoRA): state["params"] -> the model's params (the merge with the frozen base), so the
+  gradient and the optimiser see the trainable tree only.
   """
 
   def micro_loss(params, micro, total_tokens, key):
+    if to_params is not None:
+      params = to_params(params)
     loss, count = objectives.lm_loss_and_count(cfg, params, micro, dropout_rng=key)
     return loss * count / jnp.maximum(total_tokens, 1), (loss, count)
 
@@ -77,8 +81,9 @@ def load_data(config, tokenizer, split_cfg):
   """SFT rows (prompt/completion or messages) or, for `pretrain`, packed plain text."""
   spec = batching.spec_from_config(split_cfg)
   if config.stage == "pretrain":
-    return data.load_text(spec, tokenizer, config.data.max_len, pack=True)
-  return data.load_sft(spec, tokenizer, config.data.max_prompt_len, config.data.max_len)
+    return batching.load("text", spec, tokenizer, seq_len=config.data.max_len, pack=True)
+  return batching.load("sft", spec, tokenizer, max_prompt_len=config.data.max_prompt_len,
+                       max_len=config.data.max_len)
 
 
 def build(config, mesh, model: Model, total_steps: int) -> single_model.Parts:
@@ -95,9 +100,13 @@ def train(config, workdir: str) -> dict:
                                      build)
 
   def finish(state):
-    out = workdir_lib.export(workdir, parts.model.cfg, state["params"], inputs.tokenizer,
-                             "causal")
+    out = workdir_lib.export(workdir, parts.model.cfg, parts.model_params(state["params"]),
+                             inputs.tokenizer, "causal")
     log.info("[%s] exported policy to %s", config.stage, out)
+    if parts.lora is not None and config.model.lora.export_adapter:
+      out = workdir_lib.export_adapter(workdir, parts.model.cfg, state["params"]["adapters"],
+                                       parts.lora, parts.model.source)
+      log.info("[%s] exported the LoRA adapter (PEFT) to %s", config.stage, out)
 
   return single_model.run(
       parts, inputs, config, workdir, BUCKET_KEYS,

@@ -9,13 +9,16 @@ export.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from rlhf_jax import optim, sharding
+from rlhf_jax import models, optim, sharding
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.models import lora
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.trainers import batching, loop, model_init
 from rlhf_jax.trainers import state as state_lib
@@ -73,6 +76,14 @@ class Parts:
   abstract_state: Callable     # () -> ShapeDtypeStructs with shardings (restore target)
   step_fn: Callable            # jitted (state, global batch) -> (state, metrics), state donated
   eval_fn: Callable            # jitted (params, global batch) -> tuple of summable arrays
+  # With LoRA (`model.lora.rank` > 0): its Spec; state["params"] is then the trainable tree
+  # (`models.lora.init_trainable`) over the frozen base `model.params`.
+  lora: Optional[Any] = None
+  full_params: Optional[Callable] = None   # jitted state["params"] -> the model's params
+
+  def model_params(self, params):
+    """The model `params` (state["params"]) stand for: the merged model under LoRA."""
+    return params if self.lora is None else self.full_params(params)
 
 
 def start(config, kind: str, load_data: Callable, build_parts: Callable):
@@ -93,6 +104,10 @@ def build(config, mesh, model: Model, total_steps: int, make_train_step: Callabl
   """
   batching.check_batch_split(mesh, config.train.batch_size)
   tx = optim.make_optimizer(config.optim, total_steps)
+  spec = lora.spec_from_config(config.model.get("lora"))
+  if spec is not None:
+    return _build_lora(config, mesh, model, total_steps, make_train_step, make_eval_step,
+                       tx, spec)
   shardings, init_state, abstract_state = state_lib.build(
       mesh, config.seed, {"params": (model.params, model.shardings, tx)})
   batch_shard = sharding.batch_sharding(mesh, 1)
@@ -103,6 +118,44 @@ def build(config, mesh, model: Model, total_steps: int, make_train_step: Callabl
   return Parts(mesh=mesh, model=model, total_steps=total_steps, shardings=shardings,
                init_state=init_state, abstract_state=abstract_state, step_fn=step_fn,
                eval_fn=eval_fn)
+
+
+def _build_lora(config, mesh, model: Model, total_steps: int, make_train_step: Callable,
+                make_eval_step: Callable, tx, spec) -> Parts:
+  """`build` under LoRA: the state holds the adapters (and their optimiser state) only; the
+  frozen base is a non-donated argument of the jitted steps, so it is never copied, never
+  differentiated and never checkpointed (it is `model.init_from`)."""
+  cfg, kind = model.cfg, models.kind_of(model.params)
+  if "to_params" not in inspect.signature(make_train_step).parameters:
+    raise ConfigError("model.lora.rank", spec.rank,
+                      f"0 for stage {config.stage!r} (its trainer does not take LoRA)")
+  trainable, t_shard = state_lib.lora_trainable(
+      mesh, cfg, model.params, spec, state_lib.parse_rules(config.sharding_rules), config.seed)
+  log.info("[%s] LoRA rank %d alpha %g on %s: %d trained params of %d", config.stage,
+           spec.rank, spec.alpha, ",".join(s[1] for s in lora.sites(cfg, spec)),
+           lora.count(cfg, spec, kind), models.param_count(model.params))
+  shardings, init_state, abstract_state = state_lib.build(
+      mesh, config.seed, {"params": (trainable, t_shard, tx)})
+  batch_shard = sharding.batch_sharding(mesh, 1)
+  merge = lambda base, t: lora.full_params(cfg, base, t, spec)  # noqa: E731
+
+  def train_step(state, batch, base):
+    return make_train_step(cfg, tx, config.train.grad_accum,
+                           to_params=lambda t: merge(base, t))(state, batch)
+
+  def eval_step(params, batch, base):
+    return make_eval_step(cfg)(merge(base, params), batch)
+
+  train_jit = jax.jit(train_step, in_shardings=(shardings, batch_shard, model.shardings),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+  eval_jit = jax.jit(eval_step, in_shardings=(t_shard, batch_shard, model.shardings))
+  full_jit = jax.jit(merge, in_shardings=(model.shardings, t_shard),
+                     out_shardings=model.shardings)
+  return Parts(mesh=mesh, model=model, total_steps=total_steps, shardings=shardings,
+               init_state=init_state, abstract_state=abstract_state,
+               step_fn=lambda state, batch: train_jit(state, batch, model.params),
+               eval_fn=lambda params, batch: eval_jit(params, batch, model.params),
+               lora=spec, full_params=lambda params: full_jit(model.params, params))
 
 
 def step(parts: Parts, state, batch):

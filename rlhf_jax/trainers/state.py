@@ -36,6 +36,28 @@ def model_shardings(mesh, cfg, kind: str, rules: dict, shapes=None):
   return sharding.named_shardings(mesh, specs)
 
 
+def lora_shardings(mesh, cfg, spec, kind: str, rules: dict):
+  """NamedShardings of a LoRA trainable tree (`models.lora.init_trainable`): A like its
+  kernel's input dims, B like its output dims, a scalar head like the model's."""
+  from rlhf_jax.models import lora
+  axes = lora.trainable_axes(cfg, spec, kind)
+  shapes = jax.eval_shape(lambda p: lora.init_trainable(cfg, p, spec, jax.random.PRNGKey(0)),
+                          models.abstract_params(cfg, kind))
+  specs = sharding.logical_to_specs(axes, rules, shapes_tree=shapes, mesh=mesh)
+  return sharding.named_shardings(mesh, specs)
+
+
+def lora_trainable(mesh, cfg, params, spec, rules: dict, seed: int, offset: int = 0):
+  """(fresh LoRA trainable tree of `params` born sharded, its shardings); the factors' key
+  is derived from `seed` and `offset` (one per model of a stage)."""
+  from rlhf_jax.models import lora
+  shard = lora_shardings(mesh, cfg, spec, models.kind_of(params), rules)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x10AA + offset)
+  trainable = jax.jit(lambda p: lora.init_trainable(cfg, p, spec, key),
+                      out_shardings=shard)(params)
+  return trainable, shard
+
+
 def opt_shardings(mesh, tx, abstract_params, params_shardings):
   """Optimiser-state shardings: moments follow their params, counters are replicated."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
