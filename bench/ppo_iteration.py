@@ -131,6 +131,7 @@ def build(cfg, args, mesh):
   p = conf.ppo
   p.epochs, p.minibatches, p.max_new_tokens = args.epochs, args.minibatches, args.new_tokens
   p.ptx_coef = 0.0
+  p.old_logprobs = args.old_logprobs
   p.iterations = max(args.iterations + 1, 1)   # the optimiser schedule's length
   conf.train.batch_size = args.batch
   rules = state_lib.parse_rules("")
@@ -242,6 +243,9 @@ def main(argv=None) -> dict:
                   help="comma-separated torch thread counts for the peer; fastest reported")
   ap.add_argument("--trl-timeout", type=int, default=3600, help="per peer run, seconds")
   ap.add_argument("--peak-n", type=int, default=2048)
+  ap.add_argument("--old-logprobs", choices=["score", "sampler"], default="score",
+                  help="ppo.old_logprobs: sampler skips the policy's forward in the score "
+                  "phase (the score MFU still counts it)")
   ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
   ap.add_argument("--append", metavar="MD", help="append the row to this markdown file")
   args = ap.parse_args(argv)

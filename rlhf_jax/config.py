@@ -232,6 +232,11 @@ def ppo_config() -> ml_collections.ConfigDict:
       temperature=1.0,
       top_k=0,               # must stay 0 / 1.0: PPO samples from softmax(logits / temperature)
       top_p=1.0,
+      # π_old of the ratio and the KL: score = the policy's full forward over the rollout |
+      # sampler = the rollout's own per-token log-probs, one policy forward fewer per
+      # iteration; equal up to float32 rounding in float32, up to ~0.02 nats a token apart
+      # in bfloat16 (the KV-cache decode path rounds differently)
+      old_logprobs="score",
       epochs=1,               # InstructGPT: 1 PPO epoch per batch
       minibatches=4,
       clip_eps=0.2,
@@ -394,6 +399,7 @@ def validate_stage(c) -> None:
       raise ConfigError("ppo.ema_decay", p.ema_decay, "a number in [0, 1)")
     _choice(c, "ppo.kl_kind", ("k1", "k2", "k3"))
     _choice(c, "ppo.kl_controller", ("fixed", "adaptive"))
+    _choice(c, "ppo.old_logprobs", ("score", "sampler"))
     if c.stage == "ppo" and c.train.batch_size % p.minibatches:
       raise ConfigError("ppo.minibatches", p.minibatches,
                         f"a divisor of train.batch_size={c.train.batch_size}")

@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+import pytest
+
 import helpers
 
 
@@ -38,3 +40,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
   proc = helpers.run_launcher("configs/ppo.py:tiny", workdir, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert proc.stderr.count("reusing") == 5, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("field,value,holds", [("rm_prompts", 600, 512),
+                                               ("rm_eval_prompts", 40, 32)])
+def test_labeling_more_prompts_than_the_task_data_holds_is_an_error(tmp_path, field, value,
+                                                                    holds):
+  """Asking for more labeled prompts than the task's prompt file holds names the field (it
+  used to label the file's prompts only, silently); nothing is written."""
+  from rlhf_jax.pipeline import settings as settings_lib
+  from rlhf_jax.pipeline import stages
+  s = settings_lib.task_settings("tiny")
+  task_dir = str(tmp_path / "task_data")
+  stages.prepare_task_data(s, 0, task_dir)
+  s[field] = value
+  with pytest.raises(ValueError, match=rf"pipeline\.{field}={value}: .* holds only {holds} "):
+    stages.collect_rankings(s, 0, str(tmp_path), task_dir)
+  assert not any(n.startswith("comparisons") for n in os.listdir(task_dir))

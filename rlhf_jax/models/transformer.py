@@ -134,7 +134,15 @@ class Dense(nnx.Module):
       self.bias = None
 
   def __call__(self, x, dtype):
-    y = jnp.tensordot(x.astype(dtype), self.kernel[...].astype(dtype), axes=self.n_in)
+    # One 2-D matmul [rows, in] @ [in, out]: the same sums as a tensordot over the trailing
+    # dims, but XLA:CPU lowers the backward of a tensordot over [B, T, ...] with transposes
+    # and copies of the activations (3x slower MLP backward on the built-in task's model,
+    # docs/benchmarks.md); a [B*T, in] matrix needs none.
+    kernel = self.kernel[...].astype(dtype)
+    in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
+    lead = x.shape[:x.ndim - self.n_in]
+    y = (x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))
+         @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))).reshape(lead + out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y

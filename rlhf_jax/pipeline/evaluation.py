@@ -60,6 +60,14 @@ def _rm_accuracy(k: int, seed: int, workdir: str, task_dir: str, tokenizer) -> f
 
 
 
+def win_rate_ceiling(sft_scores) -> float:
+  """The highest win rate over these SFT samples any policy can reach: a perfect response
+  (score 1, the oracle's maximum) beats every imperfect SFT sample and ties a perfect one,
+  which counts 0.5 (`Oracle.prefers`). So the ceiling is 1 - P(SFT sample perfect) / 2."""
+  perfect = np.isclose(np.asarray(sft_scores, dtype=np.float64), 1.0, rtol=0.0, atol=1e-9)
+  return float(np.mean(np.where(perfect, 0.5, 1.0)))
+
+
 def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: str,
              method: str = "ppo") -> dict:
   """The evaluation of a finished pipeline in `workdir` (see the module docstring).
@@ -116,6 +124,7 @@ def evaluate(settings, seed: int, temperature: float, workdir: str, task_dir: st
     kl[name] = float(np.mean(lp - lp_sft))
   result = dict(
       method=method, oracle_win_rate=win_rate[method],
+      oracle_win_rate_ceiling=win_rate_ceiling(scores["sft"]),
       oracle_win_rate_no_ptx=win_rate.get("ppo_noptx"),
       rm_accuracy=_rm_accuracy(settings.k, seed, workdir, task_dir, tokenizer)
       if os.path.isdir(os.path.join(workdir, "rm", "export")) else None,

@@ -50,6 +50,10 @@ def write(workdir: str, result: dict, prompts: list, samples: dict, scores: dict
   method = result.get("method", "ppo")
   label = {"ppo": "PPO-ptx"}.get(method, method.upper())
   metric_rows = [[f"oracle win rate, {label} over SFT", f"{result['oracle_win_rate']:.3f}"]]
+  if result.get("oracle_win_rate_ceiling") is not None:
+    metric_rows.append(["the highest win rate any policy could reach over these SFT samples "
+                        "(a perfect answer ties a perfect SFT answer: 0.5)",
+                        f"{result['oracle_win_rate_ceiling']:.3f}"])
   if result.get("oracle_win_rate_no_ptx") is not None:
     metric_rows.append(["oracle win rate, PPO over SFT",
                         f"{result['oracle_win_rate_no_ptx']:.3f}"])

@@ -28,11 +28,11 @@ def task_settings(variant=None) -> ml_collections.ConfigDict:
       n_letters=6, max_args=5,             # the world: letters a.., 2..max_args per prompt
       p_correct=0.2, p_ramble=0.25, p_unsafe=0.15,  # corpus mix (+ filler .15, wrong .12,
                                                      #  invented .13): how misaligned the base is
-      corpus_docs=20000, demonstrations=300, rm_prompts=4000, k=4, eval_prompts=256,
+      corpus_docs=20000, demonstrations=300, rm_prompts=16000, k=4, eval_prompts=256,
       rm_eval_prompts=200, labeler_temperature=0.05,
       pretrain_steps=2000, pretrain_lr=3e-3,
       sft_steps=10, sft_lr=1e-4,
-      rm_steps=150, rm_lr=5e-4,
+      rm_steps=1000, rm_lr=5e-4,
       ppo_iterations=200, ppo_lr=1e-4, ppo_batch_size=64,
       dpo_steps=250, dpo_lr=5e-5,   # configs/dpo.py: on the RM's rankings, from SFT
       compare_no_ptx=True,    # also train plain PPO to measure the alignment tax

@@ -99,17 +99,27 @@ def collect_rankings(settings, seed: int, workdir: str, task_dir: str) -> None:
   if distributed.main_decides(os.path.isfile(out_train) and os.path.isfile(out_eval)):
     return
   pc = settings
-  policy_dir = workdir_lib.resolve_model_dir(os.path.join(workdir, "sft"), "causal")
-  cfg, params = generation.load_policy(policy_dir)
   tokenizer = workdir_lib.read_tokenizer(os.path.join(task_dir, "tokenizer"))
-  oracle = tasks.Oracle(seed=seed, noise=pc.labeler_temperature)
-  rng = np.random.default_rng(seed)
-  log.info("[pipeline] labeling: %d + %d prompts x K=%d SFT samples ranked by the oracle",
-           pc.rm_prompts, pc.rm_eval_prompts, pc.k)
+  splits = []
   for split, n, out in (("train", pc.rm_prompts, out_train),
                         ("eval", pc.rm_eval_prompts, out_eval)):
     spec = data.DataSpec(path=os.path.join(task_dir, f"prompts_{split}.jsonl"))
     prompts = data.load_prompts(spec, tokenizer, MAX_PROMPT_LEN)
+    if len(prompts.texts) < n:   # never label fewer prompts than asked for
+      field, sizes = (("rm_prompts", "sized by pipeline.rm_prompts") if split == "train" else
+                      ("rm_eval_prompts", "sized by pipeline.eval_prompts, which must be >= "
+                       "pipeline.rm_eval_prompts"))
+      raise ValueError(f"--config.pipeline.{field}={n}: {spec.path} holds only "
+                       f"{len(prompts.texts)} prompts ({sizes}, when this workdir's task data "
+                       f"was first written); use a fresh --workdir or a smaller value")
+    splits.append((split, n, out, prompts))
+  policy_dir = workdir_lib.resolve_model_dir(os.path.join(workdir, "sft"), "causal")
+  cfg, params = generation.load_policy(policy_dir)
+  oracle = tasks.Oracle(seed=seed, noise=pc.labeler_temperature)
+  rng = np.random.default_rng(seed)
+  log.info("[pipeline] labeling: %d + %d prompts x K=%d SFT samples ranked by the oracle",
+           pc.rm_prompts, pc.rm_eval_prompts, pc.k)
+  for split, n, out, prompts in splits:
     ids = np.repeat(prompts.arrays["input_ids"][:n], pc.k, axis=0)
     mask = np.repeat(prompts.arrays["attention_mask"][:n], pc.k, axis=0)
     resp = generation.generate_responses(

@@ -84,21 +84,23 @@ def loss_kl_coef(estimator: str, kl_coef: float) -> float:
 def make_rollout_fn(policy_cfg, reward_cfg, ppo_cfg, grpo_cfg, normalization: dict, eos_id,
                     prompt_len: int, group_size: Optional[int]):
   """Returns f(policy, ref, reward, prompt_ids, prompt_mask, tokens, response_mask,
-  fn_scores=None) -> (Rollout, metrics).
+  fn_scores=None, sampler_logprobs=None) -> (Rollout, metrics).
 
   `group_size` None scores without advantages (evaluation batches need not hold groups).
-  `reward_cfg` None: no reward model; `fn_scores` [R] are a reward function's scores.
+  `reward_cfg` None: no reward model; `fn_scores` [R] are a reward function's scores;
+  `sampler_logprobs` [R, N] replace the policy's forward (`ppo.old_logprobs`, as in PPO).
   """
   temperature = float(ppo_cfg.temperature)
   stops = experience_lib.stop_array(eos_id)
   estimator, beta = grpo_cfg.estimator, float(ppo_cfg.kl_coef)
 
-  def fn(policy, ref, reward, prompt_ids, prompt_mask, tokens, response_mask, fn_scores=None):
+  def fn(policy, ref, reward, prompt_ids, prompt_mask, tokens, response_mask, fn_scores=None,
+         sampler_logprobs=None):
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
     rmask = response_mask.astype(jnp.float32)
-    old_logp, entropy = objectives.response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
-                                                     temperature, with_entropy=True)
+    old_logp, entropy = experience_lib.old_logprobs(policy_cfg, policy, ids, mask, prompt_len,
+                                                    temperature, rmask, sampler_logprobs)
     ref_logp = objectives.response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
     score, has_eos, length, metrics = experience_lib.response_scores(
         reward_cfg, reward, ids, mask, tokens, response_mask, prompt_len, normalization,
@@ -286,7 +288,7 @@ def score_rollout(parts: Parts, policy, batch, out, prompts=None, train: bool = 
   extra = () if scored is None else (scored.scores,)
   rollout, metrics = fn(policy, m.policy.params, m.reward.params if m.reward else None,
                         batch["input_ids"], batch["attention_mask"], out.tokens, out.mask,
-                        *extra)
+                        *extra, **experience_lib.reused_logprobs(parts.config.ppo, out))
   if scored is not None:
     metrics = dict(metrics, time_reward_fn=fn_time)
   return rollout, metrics, scored

@@ -387,8 +387,8 @@ def experience(parts: Parts, policy, value, kl_coef, batch, out, prompts=None):
   extra = () if scored is None else (scored.scores,)   # no reward fn: the call of old
   exp, exp_metrics = exp_fn(policy, m.policy.params, value,
                             m.reward.params if m.reward else None, kl_coef,
-                            batch["input_ids"], batch["attention_mask"], out.tokens,
-                            out.mask, *extra)
+                            batch["input_ids"], batch["attention_mask"], out.tokens, out.mask,
+                            *extra, **experience_lib.reused_logprobs(parts.config.ppo, out))
   if scored is not None:
     exp_metrics = dict(exp_metrics, time_reward_fn=fn_time)
   return exp, exp_metrics, scored

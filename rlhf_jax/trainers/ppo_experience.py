@@ -11,7 +11,8 @@ For prompts x (left padded, length P) and sampled responses y (right padded, len
   rewards         −β·KL per token + score at the last token   (InstructGPT eq. 2)
   advantages      GAE(γ, λ), whitened over valid tokens; returns = advantages + values
 All of it is one jitted function of the models' params, the sampled tokens and the
-function's scores.
+function's scores. With `ppo.old_logprobs="sampler"` the old log-probs are the rollout's own
+(`reused_logprobs`) and the policy's forward is skipped.
 """
 
 from __future__ import annotations
@@ -40,24 +41,25 @@ class Experience(NamedTuple):
 def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization: dict,
                        eos_id, prompt_len: int):
   """Returns f(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens,
-  response_mask, fn_scores=None) -> (Experience, metrics).
+  response_mask, fn_scores=None, sampler_logprobs=None) -> (Experience, metrics).
 
   `eos_id` is the stop id, or a list of them (`data.stop_ids`): a response without any of
   them among its valid tokens gets `ppo_cfg.no_eos_penalty`. `reward_cfg` None means no
   reward model (`reward` is then ignored). `fn_scores` [B] are a reward function's scores
   (`ppo.reward_fn`): the score is `ppo_cfg.reward_model_weight` × the normalised RM score
-  plus `ppo_cfg.reward_fn_weight` × these.
+  plus `ppo_cfg.reward_fn_weight` × these. `sampler_logprobs` [B, N] (`reused_logprobs`)
+  stand in for the policy's forward as the old log-probs.
   """
   temperature = float(ppo_cfg.temperature)
   stops = stop_array(eos_id)
 
   def fn(policy, ref, value, reward, kl_coef, prompt_ids, prompt_mask, tokens, response_mask,
-         fn_scores=None):
+         fn_scores=None, sampler_logprobs=None):
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
     rmask = response_mask.astype(jnp.float32)
-    old_logp, entropy = objectives.response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
-                                                     temperature, with_entropy=True)
+    old_logp, entropy = old_logprobs(policy_cfg, policy, ids, mask, prompt_len, temperature,
+                                     rmask, sampler_logprobs)
     ref_logp = objectives.response_logprobs(policy_cfg, ref, ids, mask, prompt_len, temperature)
     values = objectives.response_values(value_cfg, value, ids, mask, prompt_len) * rmask
     score, has_eos, length, reward_metrics = response_scores(
@@ -86,6 +88,37 @@ def make_experience_fn(policy_cfg, value_cfg, reward_cfg, ppo_cfg, normalization
     return exp, metrics
 
   return fn
+
+
+def reused_logprobs(ppo_cfg, out) -> dict:
+  """The experience function's keyword arguments for `ppo.old_logprobs`.
+
+  "sampler": `sampler_logprobs=` the rollout's per-token log-probs (`GenerateOutput.logprobs`,
+  float32 log-softmax(logits / temperature) of each drawn token: PPO refuses top-k / top-p,
+  so that is the unfiltered distribution the ratio needs). "score": nothing, so the call and
+  its compilation are the ones from before the option existed.
+  """
+  if ppo_cfg.get("old_logprobs", "score") != "sampler":
+    return {}
+  return dict(sampler_logprobs=out.logprobs)
+
+
+def old_logprobs(policy_cfg, policy, ids, mask, prompt_len: int, temperature: float, rmask,
+                 sampler_logprobs=None):
+  """(log π_old [B, N], per-token entropy [B, N]): the policy's forward over the rollout, or,
+  given `sampler_logprobs`, those (zeroed off the response mask) with no forward at all.
+
+  The reused log-probs come from the KV-cache decode path: the same numbers up to float32
+  rounding in float32, up to ~0.02 nats a token apart in bfloat16. Without the forward there
+  is no full distribution to take the entropy of; on-policy, E_y~π[−log π(y)] is the
+  entropy, so −log π of each sampled token is an unbiased (noisier) per-token estimate and
+  its masked mean is logged under the same `entropy` key.
+  """
+  if sampler_logprobs is None:
+    return objectives.response_logprobs(policy_cfg, policy, ids, mask, prompt_len,
+                                        temperature, with_entropy=True)
+  logp = sampler_logprobs.astype(jnp.float32) * rmask
+  return logp, -logp
 
 
 def stop_array(eos_id) -> jax.Array:
