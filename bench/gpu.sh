@@ -25,7 +25,10 @@
 #   2. ppo_iteration.py --generate-only  batch 64, prompt 64, 128 new tokens: tokens/s vs the
 #                     bandwidth roofline (issue 18 target: >= 70 % of it); then, in the same
 #                     process, long rollouts of 256 and 512 new tokens with EOS on
-#                     (bench/long_rollouts.py): decode steps, finished-row share, tokens/s.
+#                     (bench/long_rollouts.py): decode steps, finished-row share, tokens/s,
+#                     each also with one halving of the decode batch (`compact=1`: one more
+#                     decode loop to compile per length, so one halving, not two, to stay
+#                     inside the step's limit).
 #   3. ppo_iteration.py  one PPO iteration, batch 64, prompt 64 + response 64, 1 epoch × 1
 #                     minibatch, so the train phase runs at the paper's minibatch of 64
 #                     sequences (issue 18; rows before 2026-12-01 used 32 × 4 minibatches of
@@ -83,7 +86,7 @@ step train_step "$T_TRAIN" bench/train_step.py --shape "$SHAPE" --dtype "$DTYPE"
   --append "$OUT/benchmarks.md" --json "$OUT/train_step.json"
 step generate "$T_GEN" bench/ppo_iteration.py --shape "$SHAPE" --dtype "$DTYPE" \
   --generate-only --batch 64 --prompt-len 64 --new-tokens 128 --iterations $((ITERS + 1)) \
-  --long-rollouts "$LONG" --eos-mean 0.5 \
+  --long-rollouts "$LONG" --eos-mean 0.5 --compact 1 \
   --peak-n "$PEAK_N" --append "$OUT/benchmarks.md" --json "$OUT/generate.json"
 step ppo_iteration "$T_PPO" bench/ppo_iteration.py --shape "$SHAPE" --dtype "$DTYPE" \
   --batch 64 --prompt-len 64 --new-tokens 64 --epochs 1 --minibatches 1 --iterations "$ITERS" \
@@ -115,7 +118,9 @@ if g:
   for r in g.get("long_rollouts", []):
     print(f"long rollout N={r['new_tokens']} (EOS on): {r['call_s']:.3f} s, decode steps "
           f"{r['steps']}, mean length {r['mean_len']:.1f}, finished-row share "
-          f"{r['finished_share']:.1%}, {r['useful_tps']:.0f} useful tok/s")
+          f"{r['finished_share']:.1%}, {r['useful_tps']:.0f} useful tok/s; compact="
+          f"{r['compact']}: {r['compact_call_s']:.3f} s ({r['compact_speedup']:.2f}x), "
+          f"finished-row share {r['compact_finished_share']:.1%}")
 PYEOF
 
 echo "figures in $OUT:"; ls -l "$OUT"

@@ -19,6 +19,9 @@ key every call, so every timed call draws the same lengths and does the same wor
 - finished-row share: of the B × steps row-steps computed, the share spent on rows that had
   already finished (their outputs are discarded) = 1 - Σ lengths / (B × steps);
 - useful tok/s = Σ lengths / call time; row-steps/s = B × steps / call time.
+- the same with `sampling.generate(compact=K)` (`--compact`, default 2): call time, the
+  row-steps it still computes (its own count), the speedup, and the rows whose tokens or
+  masks differ from the plain loop's (expected 0).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import numpy as np
 
 import common
 
-SECTION = "## Long rollouts with EOS on: decode steps, finished-row share, tokens/s"
+SECTION = ("## Long rollouts with EOS on: decode steps, finished-row share, tokens/s, "
+           "with and without decode-batch compaction")
 INTRO = """
 `bench/ppo_iteration.py --generate-only --long-rollouts 256,512` (`bench/long_rollouts.py`):
 one `sampling.generate` call per response length N with EOS on, random weights, the same
@@ -41,12 +45,16 @@ different times: K stop ids out of V give each step a ≈K/V chance of ending a 
 `--eos-mean` × N; the lengths drawn are measured. `steps` = decode-loop iterations (the
 longest row; the loop exits when every row has stopped); `finished share` = row-steps
 spent on rows already finished / all row-steps computed; `useful tok/s` counts tokens up
-to and including each row's EOS.
+to and including each row's EOS. `compact k`: the same call with `sampling.generate(compact=k)`
+(up to k halvings of the decode batch once half its rows have stopped), timed alternately
+with the plain call; its finished share counts the row-steps it still computes; `rows
+differing` counts rows whose tokens differ from the plain call's (expected 0).
 """
 HEADER = ("| date | shape | dtype | batch | prompt | max new | stop ids K (target mean) | call s "
           "| decode steps | mean length (min–max) | finished share | useful tok/s "
-          "| row-steps/s | compiles | machine, load | versions | command |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+          "| compact k | compact call s | compact finished share | compact useful tok/s "
+          "| speedup | rows differing | compiles | machine, load | versions | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def hazard_x(mean_frac: float) -> float:
@@ -84,46 +92,70 @@ def waste(mask) -> dict:
 
 
 def run(cfg, params, prompt_batch, lengths, args, argv, script, dtype: str) -> list[dict]:
-  """Times `sampling.generate` with EOS on for each N in `lengths`; prints and appends rows."""
+  """Times `sampling.generate` with EOS on for each N in `lengths`, with the plain decode loop
+  and with `--compact` halvings of the decode batch (the two alternate, so load drift hits
+  both alike); prints and appends rows."""
   import jax
   from rlhf_jax import sampling
   ids, mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
   b, p = ids.shape
+  k = args.compact
   results, rows = [], []
   for n in lengths:
     stops = stop_ids(cfg.vocab_size, n, args.eos_mean)
     key = jax.random.key(1)
-    call = lambda: jax.block_until_ready(sampling.generate(  # noqa: E731
+    call = lambda c: jax.block_until_ready(sampling.generate_with_row_steps(  # noqa: E731
         cfg, params, ids, mask, key, max_new_tokens=n, temperature=1.0, eos_id=stops,
-        pad_id=0))
+        pad_id=0, compact=c))
     load0 = common.load()
-    t0 = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - t0
-    times = []
+    first = {}
+    for c in (0, k):
+      t0 = time.perf_counter()
+      out, row_steps = call(c)
+      first[c] = time.perf_counter() - t0
+    times = {0: [], k: []}
     with common.CompileCounter() as cc:
       for _ in range(max(args.iterations, 1)):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
+        for c in (0, k):
+          t0 = time.perf_counter()
+          got, steps_c = call(c)
+          times[c].append(time.perf_counter() - t0)
+          if c == 0:
+            out = got
+          else:
+            compact_out, row_steps = got, int(steps_c)
+    # Rows whose tokens differ from the plain loop's: 0 unless a narrower matmul rounded a
+    # logit across a sampling boundary (each row's noise is the same).
+    differ = int(np.sum(np.any((np.asarray(out.tokens) != np.asarray(compact_out.tokens))
+                               | (np.asarray(out.mask) != np.asarray(compact_out.mask)), axis=1)))
+    sec, sec_c = statistics.median(times[0]), statistics.median(times[k])
     w = waste(out.mask)
-    r = dict(new_tokens=n, stop_ids=len(stops), call_s=sec, compile_s=max(first - sec, 0.0),
+    r = dict(new_tokens=n, stop_ids=len(stops), call_s=sec, compile_s=max(first[0] - sec, 0.0),
              useful_tps=w["useful"] / sec, row_steps_s=w["row_steps"] / sec,
-             compiles=cc.count, **w)
+             compiles=cc.count, compact=k, compact_call_s=sec_c,
+             compact_compile_s=max(first[k] - sec_c, 0.0), compact_row_steps=row_steps,
+             compact_finished_share=1.0 - w["useful"] / row_steps if row_steps else 0.0,
+             compact_useful_tps=w["useful"] / sec_c, compact_speedup=sec / sec_c,
+             compact_rows_differing=differ, **w)
     results.append(r)
     print(f"long rollout N={n}, EOS on ({len(stops)} stop ids, target mean "
-          f"{args.eos_mean:.2f} N): {sec:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}); "
+          f"{args.eos_mean:.2f} N): {sec:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[0])}); "
           f"decode steps {w['steps']} of {n}; lengths mean {w['mean_len']:.1f} "
           f"(min {w['min_len']}, max {w['max_len']}); finished-row share "
           f"{w['finished_share']:.1%}; useful {r['useful_tps']:.1f} tok/s, row-steps "
           f"{r['row_steps_s']:.1f}/s; compile ~{r['compile_s']:.1f} s; compiles after "
           f"warm-up {cc.count}", flush=True)
+    print(f"  compact={k}: {sec_c:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[k])}), "
+          f"{sec / sec_c:.2f}x; row-steps {row_steps} of {w['row_steps']}, finished-row share "
+          f"{r['compact_finished_share']:.1%}; useful {r['compact_useful_tps']:.1f} tok/s; "
+          f"compile ~{r['compact_compile_s']:.1f} s; rows whose tokens differ: {differ}",
+          flush=True)
     rows.append(
         f"| {common.today()} | {common.shape_cell(args.shape, cfg)} | {dtype} | {b} | {p} | {n} "
         f"| {len(stops)} ({args.eos_mean:.2f} N) | {sec:.2f} | {w['steps']} "
         f"| {w['mean_len']:.1f} ({w['min_len']}–{w['max_len']}) | {w['finished_share']:.1%} "
-        f"| {r['useful_tps']:.1f} | {r['row_steps_s']:.1f} | {cc.count} "
+        f"| {r['useful_tps']:.1f} | {k} | {sec_c:.2f} | {r['compact_finished_share']:.1%} "
+        f"| {r['compact_useful_tps']:.1f} | {sec / sec_c:.2f}× | {differ} | {cc.count} "
         + common.context_cells([load0, common.load()], argv, script))
   common.publish_rows(args.append, SECTION, INTRO, HEADER, rows)
   return results

@@ -93,13 +93,16 @@ GEN_HEADER = ("| date | shape | dtype | batch | prompt | new | call s | tok/s | 
 SHAPES = common.PRESET_SHAPES
 
 
-def phase_flops(cfg, b: int, p: int, n: int, epochs: int) -> dict:
+def phase_flops(cfg, b: int, p: int, n: int, epochs: int, sampler_logprobs: bool = False
+                ) -> dict:
+  """Model FLOPs of each phase; the score phase runs the reference, the policy (not with
+  `ppo.old_logprobs=sampler`), the value and the reward model forwards."""
   s = p + n
   gen = (common.forward_flops(cfg, b * (p - 1), s, lm_head=True, head_tokens=0)
          + common.forward_flops(cfg, b * n, s, lm_head=True))
   policy_fwd = common.forward_flops(cfg, b * s, s, lm_head=True, head_tokens=b * n)
   scalar_fwd = common.forward_flops(cfg, b * s, s, lm_head=False)
-  score = 2 * policy_fwd + 2 * scalar_fwd
+  score = (1 if sampler_logprobs else 2) * policy_fwd + 2 * scalar_fwd
   train = epochs * 3 * (policy_fwd + scalar_fwd)
   return dict(generate=gen, score=score, train=train)
 
@@ -239,13 +242,16 @@ def main(argv=None) -> dict:
                   help="with --generate-only: also time these response lengths with EOS on")
   ap.add_argument("--eos-mean", type=float, default=0.5,
                   help="long rollouts: target mean response length as a fraction of N")
+  ap.add_argument("--compact", type=int, default=2,
+                  help="long rollouts: also time sampling.generate(compact=K) against the "
+                  "plain decode loop")
   ap.add_argument("--torch-threads", default=str(os.cpu_count()),
                   help="comma-separated torch thread counts for the peer; fastest reported")
   ap.add_argument("--trl-timeout", type=int, default=3600, help="per peer run, seconds")
   ap.add_argument("--peak-n", type=int, default=2048)
   ap.add_argument("--old-logprobs", choices=["score", "sampler"], default="score",
                   help="ppo.old_logprobs: sampler skips the policy's forward in the score "
-                  "phase (the score MFU still counts it)")
+                  "phase (its MFU counts the three forwards left)")
   ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
   ap.add_argument("--append", metavar="MD", help="append the row to this markdown file")
   args = ap.parse_args(argv)
@@ -271,7 +277,7 @@ def main(argv=None) -> dict:
   roofline_tps = B * bw / step_bytes
   print(f"# setup {time.perf_counter() - t0:.1f} s; decode step reads >= "
         f"{step_bytes / 2**20:.0f} MiB -> roofline {roofline_tps:.0f} tok/s", flush=True)
-  flops = phase_flops(cfg, B, P, N, args.epochs)
+  flops = phase_flops(cfg, B, P, N, args.epochs, args.old_logprobs == "sampler")
   result = dict(shape=args.shape, batch=B, prompt_len=P, new_tokens=N, epochs=args.epochs,
                 minibatches=args.minibatches, dtype=args.dtype, peak=peak,
                 bandwidth=bw, roofline_tps=roofline_tps, load_start=load_start)

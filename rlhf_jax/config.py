@@ -237,6 +237,10 @@ def ppo_config() -> ml_collections.ConfigDict:
       # iteration; equal up to float32 rounding in float32, up to ~0.02 nats a token apart
       # in bfloat16 (the KV-cache decode path rounds differently)
       old_logprobs="score",
+      # Up to this many halvings of the rollout's decode batch once half its rows have
+      # stopped (sampling.generate(compact=)): the same samples, less compute on finished
+      # rows; each width compiles one more decode loop; 0 = off
+      rollout_compaction=2,
       epochs=1,               # InstructGPT: 1 PPO epoch per batch
       minibatches=4,
       clip_eps=0.2,
@@ -400,6 +404,7 @@ def validate_stage(c) -> None:
     _choice(c, "ppo.kl_kind", ("k1", "k2", "k3"))
     _choice(c, "ppo.kl_controller", ("fixed", "adaptive"))
     _choice(c, "ppo.old_logprobs", ("score", "sampler"))
+    _int_at_least(c, "ppo.rollout_compaction", 0)
     if c.stage == "ppo" and c.train.batch_size % p.minibatches:
       raise ConfigError("ppo.minibatches", p.minibatches,
                         f"a divisor of train.batch_size={c.train.batch_size}")

@@ -124,7 +124,8 @@ def generate_responses(cfg, params, tokenizer, prompt_ids: np.ndarray, prompt_ma
                        rng, max_new_tokens: int, batch_size: int = 64,
                        temperature: float = 1.0, greedy: bool = False,
                        top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-                       stop_ids: Optional[Sequence[int]] = None, mesh=None) -> Responses:
+                       stop_ids: Optional[Sequence[int]] = None, mesh=None,
+                       compact: int = 2) -> Responses:
   """Samples `num_samples` responses per prompt row, `batch_size` prompts per call.
 
   A prompt's samples come from one `sampling.generate` call on the batch with each prompt
@@ -140,6 +141,8 @@ def generate_responses(cfg, params, tokenizer, prompt_ids: np.ndarray, prompt_ma
     num_samples: K responses per prompt.
     stop_ids: ids that end a response (`data.stop_ids`); None: the tokenizer's EOS only.
     mesh: see the module docstring.
+    compact: `sampling.generate`'s decode-batch halvings once rows stop (the same samples,
+      less compute on finished rows); 0 = off.
 
   Returns:
     `Responses` with n * num_samples rows, prompt i's samples at rows i*K .. i*K+K-1.
@@ -155,7 +158,7 @@ def generate_responses(cfg, params, tokenizer, prompt_ids: np.ndarray, prompt_ma
     out = sampling.generate(cfg, params, batch["ids"], batch["mask"], jax.random.fold_in(rng, i),
                             max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, eos_id=eos_arg, greedy=greedy,
-                            pad_id=pad)
+                            pad_id=pad, compact=compact)
     return out.tokens, out.mask
   outs = map_batches(fn, arrays, batch_size * k, mesh)
   tokens = np.concatenate([t for t, _ in outs])

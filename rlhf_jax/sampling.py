@@ -126,15 +126,26 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: Union[float, jax.Arr
 
 
 def _select(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int,
-            top_p: jax.Array, greedy: bool, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
-  """Picks one token per row from `[B, V]` logits; returns (tokens int32, logprobs f32)."""
+            top_p: jax.Array, greedy: bool, use_top_p: bool,
+            rows: Optional[jax.Array] = None, batch: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Picks one token per row from `[b, V]` logits; returns (tokens int32, logprobs f32).
+
+  With `rows` (a compacted decode batch: row i is row `rows[i]` of a `batch`-row one) the
+  Gumbel noise is drawn for the whole `[batch, V]` batch and gathered, so each row gets the
+  noise `jax.random.categorical(key, ...)` gives it in the uncompacted loop (which is
+  `argmax(gumbel(key, [batch, V]) + logits)`): compaction changes no draw.
+  """
   scaled = logits.astype(jnp.float32) / temperature
   if greedy:
     dist = scaled
     tokens = jnp.argmax(scaled, axis=-1)
   else:
     dist = filter_logits(scaled, top_k, top_p if use_top_p else 1.0)
-    tokens = jax.random.categorical(key, dist, axis=-1)
+    if rows is None:
+      tokens = jax.random.categorical(key, dist, axis=-1)
+    else:
+      noise = jax.random.gumbel(key, (batch, dist.shape[-1]), dist.dtype)
+      tokens = jnp.argmax(jnp.take(noise, rows, axis=0) + dist, axis=-1)
   logp = jax.nn.log_softmax(dist, axis=-1)
   logp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
   return tokens.astype(jnp.int32), logp
@@ -149,6 +160,33 @@ class _LoopState(NamedTuple):
   tokens: jax.Array      # [B, N]
   logprobs: jax.Array    # [B, N]
   mask: jax.Array        # [B, N]
+
+
+class _CompactState(NamedTuple):
+  """The decode loop's state when the batch may be compacted: b <= B live-first rows."""
+  loop: _LoopState       # feed / cache / done are [b]-wide; tokens / logprobs / mask [B, N]
+  rows: jax.Array        # [b] each row's index in the caller's batch
+  kv_mask: jax.Array     # [b, S]
+  last_pos: jax.Array    # [b]
+  row_steps: jax.Array   # rows decoded so far, summed over steps (the compute spent)
+
+
+def decode_widths(batch: int, compact: int) -> tuple[int, ...]:
+  """The decode batch widths a compacting loop steps through: B, B/2, ... (`compact` halvings
+  at most, rounding up, never below 1)."""
+  widths = [batch]
+  while len(widths) <= compact and widths[-1] > 1:
+    widths.append(-(-widths[-1] // 2))
+  return tuple(widths)
+
+
+def _narrow(s: _CompactState, width: int) -> _CompactState:
+  """Keeps `width` rows, live ones first (a stable sort on `done`), with their KV cache."""
+  keep = jnp.argsort(s.loop.done.astype(jnp.int32), stable=True)[:width]
+  take = lambda a: jnp.take(a, keep, axis=0)
+  loop = s.loop._replace(feed=take(s.loop.feed), cache=jax.tree.map(take, s.loop.cache),
+                         done=take(s.loop.done))
+  return _CompactState(loop, take(s.rows), take(s.kv_mask), take(s.last_pos), s.row_steps)
 
 
 def compute_dtype_weights(cfg, params):
@@ -172,9 +210,9 @@ def compute_dtype_weights(cfg, params):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy",
-                                             "use_top_p"))
+                                             "use_top_p", "compact"))
 def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids, pad_id,
-              *, max_new_tokens, top_k, greedy, use_top_p):
+              *, max_new_tokens, top_k, greedy, use_top_p, compact=0):
   batch, prompt_len = input_ids.shape
   n = max_new_tokens
   input_ids = input_ids.astype(jnp.int32)
@@ -213,8 +251,41 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
       step=jnp.zeros((), jnp.int32), feed=input_ids[:, -1], cache=cache,
       done=jnp.zeros((batch,), bool), rng=rng, tokens=jnp.full((batch, n), pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32), mask=jnp.zeros((batch, n), jnp.int32))
-  state = jax.lax.while_loop(cond, body, state)
-  return GenerateOutput(state.tokens, state.logprobs, state.mask)
+  widths = decode_widths(batch, compact)
+  if len(widths) == 1:
+    state = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(state.tokens, state.logprobs, state.mask), state.step * batch
+
+  # Compacting: one loop per width; a loop ends when no more than the next width's rows are
+  # live, and those rows (with their cache) move on to the narrower loop. Outputs stay
+  # [B, N], written at each row's index in the caller's batch.
+  def narrow_body(c: _CompactState):
+    s = c.loop
+    logits, cache = models.forward_with_cache(cfg, params, s.feed[:, None],
+                                              (c.last_pos + s.step)[:, None], c.kv_mask,
+                                              s.cache, prompt_len - 1 + s.step)
+    rng, key = jax.random.split(s.rng)
+    tok, logp = _select(logits[:, -1], key, temperature, top_k, top_p, greedy, use_top_p,
+                        rows=c.rows, batch=batch)
+    live = ~s.done
+    tok = jnp.where(live, tok, pad_id)
+    put = lambda a, v: a.at[c.rows, s.step].set(v)
+    done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
+    loop = _LoopState(s.step + 1, tok, cache, done, rng, put(s.tokens, tok),
+                      put(s.logprobs, jnp.where(live, logp, 0.0)),
+                      put(s.mask, live.astype(jnp.int32)))
+    return _CompactState(loop, c.rows, c.kv_mask, c.last_pos,
+                         c.row_steps + c.rows.shape[0])
+
+  c = _CompactState(state, jnp.arange(batch, dtype=jnp.int32), kv_mask, last_pos,
+                    jnp.zeros((), jnp.int32))
+  for i, _ in enumerate(widths):
+    nxt = widths[i + 1] if i + 1 < len(widths) else 0
+    c = jax.lax.while_loop(
+        lambda c, nxt=nxt: (c.loop.step < n) & (jnp.sum(~c.loop.done) > nxt), narrow_body, c)
+    if nxt:
+      c = _narrow(c, nxt)
+  return GenerateOutput(c.loop.tokens, c.loop.logprobs, c.loop.mask), c.row_steps
 
 
 def _is_concrete(x) -> bool:
@@ -225,8 +296,10 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
              max_new_tokens: int, temperature: Union[float, jax.Array] = 1.0, top_k: int = 0,
              top_p: Union[float, jax.Array] = 1.0,
              eos_id: Union[None, int, Sequence[int]] = None, greedy: bool = False,
-             pad_id: int = 0) -> GenerateOutput:
+             pad_id: int = 0, compact: int = 0) -> GenerateOutput:
   """Samples `max_new_tokens` tokens after each left-padded prompt.
+
+  `generate_with_row_steps` takes the same arguments and also returns the decode compute.
 
   Works under an outer `jax.jit` (then `temperature` / `top_p` may be traced) and with
   sharded params (nothing is moved to one device).
@@ -246,6 +319,13 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
       never stop. The stop token itself is kept (mask 1).
     greedy: argmax instead of sampling (top_k / top_p ignored).
     pad_id: written after a row's EOS.
+    compact: static, at most this many halvings of the decode batch (0 = off). Once no more
+      than half of the rows are still live, the live rows move, with their KV cache, into a
+      batch half as wide, so finished rows stop costing compute (about half of a rollout's
+      row-steps when lengths spread over [1, N]; docs/benchmarks.md). Draws are unchanged:
+      each row gets the same sampling noise as without compaction, so tokens differ only
+      where a narrower matmul rounds a logit differently. Each width compiles one more
+      decode loop. Without stop ids it does nothing.
 
   Returns:
     `GenerateOutput(tokens, logprobs, mask)`, each `[B, max_new_tokens]`; the EOS itself has
@@ -256,6 +336,21 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
     ValueError: bad shapes or arguments, or (for concrete inputs) a prompt batch that is
     not left padded / has an empty row, or a too-long sequence for learned positions.
   """
+  return generate_with_row_steps(
+      cfg, params, input_ids, attention_mask, rng, max_new_tokens, temperature=temperature,
+      top_k=top_k, top_p=top_p, eos_id=eos_id, greedy=greedy, pad_id=pad_id,
+      compact=compact)[0]
+
+
+def generate_with_row_steps(cfg: models.ModelConfig, params, input_ids, attention_mask,
+                            rng: jax.Array, max_new_tokens: int,
+                            temperature: Union[float, jax.Array] = 1.0, top_k: int = 0,
+                            top_p: Union[float, jax.Array] = 1.0,
+                            eos_id: Union[None, int, Sequence[int]] = None,
+                            greedy: bool = False, pad_id: int = 0, compact: int = 0
+                            ) -> tuple[GenerateOutput, jax.Array]:
+  """`generate`, plus the rows the decode loop computed summed over its steps (int32 scalar):
+  B x decode steps without compaction, less with it. Benchmarks and tests read it."""
   if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
     raise ValueError(f"generate: input_ids {input_ids.shape} and attention_mask "
                      f"{attention_mask.shape} must both be [batch, prompt_len]")
@@ -267,6 +362,9 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
   if isinstance(top_p, numbers.Real) and not 0.0 < top_p <= 1.0:
     raise ValueError(f"generate: top_p={top_p}, expected in (0, 1]")
   top_k = int(top_k)
+  compact = int(compact)
+  if compact < 0:
+    raise ValueError(f"generate: compact={compact}, expected >= 0 halvings (0 = off)")
   if top_k < 0:
     raise ValueError(f"generate: top_k={top_k}, expected >= 0")
   prompt_len = input_ids.shape[1]
@@ -299,4 +397,5 @@ def generate(cfg: models.ModelConfig, params, input_ids, attention_mask, rng: ja
   return _generate(cfg, params, input_ids, attention_mask, rng,
                    jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
                    eos_ids, jnp.asarray(pad_id, jnp.int32), max_new_tokens=max_new_tokens,
-                   top_k=top_k, greedy=bool(greedy), use_top_p=use_top_p)
+                   top_k=top_k, greedy=bool(greedy), use_top_p=use_top_p,
+                   compact=compact if eos_id is not None else 0)

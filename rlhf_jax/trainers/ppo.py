@@ -370,7 +370,8 @@ def rollout(parts: Parts, policy, batch, key):
   p, m = parts.config.ppo, parts.models
   out = sampling.generate(m.policy.cfg, policy, batch["input_ids"], batch["attention_mask"],
                           key, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                          eos_id=list(m.stop_ids) or None, pad_id=m.pad_id)
+                          eos_id=list(m.stop_ids) or None, pad_id=m.pad_id,
+                          compact=p.rollout_compaction)
   return batching.cut_responses(out, parts.response_buckets)
 
 
