@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models
+from rlhf_jax.models import transformer
 
 
 class GenerateOutput(NamedTuple):
@@ -258,7 +259,13 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
 
   # Compacting: one loop per width; a loop ends when no more than the next width's rows are
   # live, and those rows (with their cache) move on to the narrower loop. Outputs stay
-  # [B, N], written at each row's index in the caller's batch.
+  # [B, N], written at each row's index in the caller's batch, and are held split over the
+  # batch axes like the plain loop's: left to itself, XLA replicates what a scatter at
+  # data-dependent rows writes, and a multi-process caller reading its own rows
+  # (`addressable_shards`) would then see all of them.
+  mesh = transformer.trace_mesh(input_ids, attention_mask)
+  split = lambda a: transformer.constrain_batch(a, mesh)  # noqa: E731
+
   def narrow_body(c: _CompactState):
     s = c.loop
     logits, cache = models.forward_with_cache(cfg, params, s.feed[:, None],
@@ -269,7 +276,7 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
                         rows=c.rows, batch=batch)
     live = ~s.done
     tok = jnp.where(live, tok, pad_id)
-    put = lambda a, v: a.at[c.rows, s.step].set(v)
+    put = lambda a, v: split(a.at[c.rows, s.step].set(v))
     done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
     loop = _LoopState(s.step + 1, tok, cache, done, rng, put(s.tokens, tok),
                       put(s.logprobs, jnp.where(live, logp, 0.0)),
@@ -277,6 +284,8 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
     return _CompactState(loop, c.rows, c.kv_mask, c.last_pos,
                          c.row_steps + c.rows.shape[0])
 
+  state = state._replace(tokens=split(state.tokens), logprobs=split(state.logprobs),
+                         mask=split(state.mask))
   c = _CompactState(state, jnp.arange(batch, dtype=jnp.int32), kv_mask, last_pos,
                     jnp.zeros((), jnp.int32))
   for i, _ in enumerate(widths):
@@ -285,7 +294,7 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
         lambda c, nxt=nxt: (c.loop.step < n) & (jnp.sum(~c.loop.done) > nxt), narrow_body, c)
     if nxt:
       c = _narrow(c, nxt)
-  return GenerateOutput(c.loop.tokens, c.loop.logprobs, c.loop.mask), c.row_steps
+  return GenerateOutput(*map(split, (c.loop.tokens, c.loop.logprobs, c.loop.mask))), c.row_steps
 
 
 def _is_concrete(x) -> bool:

@@ -172,6 +172,11 @@ def test_compaction_with_the_batch_split_over_8_devices():
       compact=2)
   plain, _ = _run(cfg, params, ids, mask, 0, key=2, eos_id=STOPS)
   np.testing.assert_array_equal(np.asarray(out.tokens), plain.tokens)
+  # Held split like the rows they came from: a multi-process caller reads its own rows
+  # through `addressable_shards` (the reward function's scoring does).
+  for leaf in out:
+    assert leaf.sharding.is_equivalent_to(placed["ids"].sharding, 2), leaf.sharding
+    assert {sh.data.shape for sh in leaf.addressable_shards} == {(2, N)}
   np.testing.assert_allclose(np.asarray(out.logprobs), plain.logprobs, atol=LOGP_TOL, rtol=0)
   assert int(row_steps) == expected_row_steps(plain.mask.sum(1), N, [16, 8, 4])
 
