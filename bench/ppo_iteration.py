@@ -257,6 +257,9 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   if args.long_rollouts and not args.generate_only:
     ap.error("--long-rollouts needs --generate-only (the peers run without EOS)")
+  if args.compact < 1:
+    ap.error(f"--compact {args.compact}: the long rollouts compare K >= 1 halvings with the "
+             "plain loop")
 
   import jax
   from rlhf_jax import models, sharding

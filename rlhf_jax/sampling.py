@@ -234,19 +234,25 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
   def cond(s: _LoopState):
     return (s.step < n) & ~jnp.all(s.done)
 
-  def body(s: _LoopState):
+  def decode_step(s: _LoopState, kv_mask, last_pos, rows, write) -> _LoopState:
+    """One token for each of the loop's rows (`rows`: their indices in the full batch, None
+    when they are all of it); `write(out, column)` stores a [b] column at step `s.step`."""
     logits, cache = models.forward_with_cache(cfg, params, s.feed[:, None],
                                               (last_pos + s.step)[:, None], kv_mask, s.cache,
                                               prompt_len - 1 + s.step)
     rng, key = jax.random.split(s.rng)
-    tok, logp = _select(logits[:, -1], key, temperature, top_k, top_p, greedy, use_top_p)
+    tok, logp = _select(logits[:, -1], key, temperature, top_k, top_p, greedy, use_top_p,
+                        rows=rows, batch=batch)
     live = ~s.done
     tok = jnp.where(live, tok, pad_id)
-    col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], s.step, axis=1)
     done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
-    return _LoopState(s.step + 1, tok, cache, done, rng, col(s.tokens, tok),
-                      col(s.logprobs, jnp.where(live, logp, 0.0)),
-                      col(s.mask, live.astype(jnp.int32)))
+    return _LoopState(s.step + 1, tok, cache, done, rng, write(s.tokens, tok),
+                      write(s.logprobs, jnp.where(live, logp, 0.0)),
+                      write(s.mask, live.astype(jnp.int32)))
+
+  def body(s: _LoopState):
+    col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], s.step, axis=1)
+    return decode_step(s, kv_mask, last_pos, None, col)
 
   state = _LoopState(
       step=jnp.zeros((), jnp.int32), feed=input_ids[:, -1], cache=cache,
@@ -267,20 +273,8 @@ def _generate(cfg, params, input_ids, attention_mask, rng, temperature, top_p, e
   split = lambda a: transformer.constrain_batch(a, mesh)  # noqa: E731
 
   def narrow_body(c: _CompactState):
-    s = c.loop
-    logits, cache = models.forward_with_cache(cfg, params, s.feed[:, None],
-                                              (c.last_pos + s.step)[:, None], c.kv_mask,
-                                              s.cache, prompt_len - 1 + s.step)
-    rng, key = jax.random.split(s.rng)
-    tok, logp = _select(logits[:, -1], key, temperature, top_k, top_p, greedy, use_top_p,
-                        rows=c.rows, batch=batch)
-    live = ~s.done
-    tok = jnp.where(live, tok, pad_id)
-    put = lambda a, v: split(a.at[c.rows, s.step].set(v))
-    done = s.done | (live & jnp.any(tok[:, None] == eos_ids[None, :], axis=-1))
-    loop = _LoopState(s.step + 1, tok, cache, done, rng, put(s.tokens, tok),
-                      put(s.logprobs, jnp.where(live, logp, 0.0)),
-                      put(s.mask, live.astype(jnp.int32)))
+    put = lambda a, v: split(a.at[c.rows, c.loop.step].set(v))
+    loop = decode_step(c.loop, c.kv_mask, c.last_pos, c.rows, put)
     return _CompactState(loop, c.rows, c.kv_mask, c.last_pos,
                          c.row_steps + c.rows.shape[0])
 

@@ -25,21 +25,12 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import generation, models, sampling, sharding
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import ppo
+from test_sampling import FAMILY_CFGS   # the two tiny families sampling is tested on
 
 PAD = 0
 B, P, N = 12, 7, 24
 LOGP_TOL = 1e-5
 
-FAMILIES = {
-    "llama": dict(family="llama", vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, intermediate_size=64,
-                  max_position_embeddings=64),
-    "gpt2": dict(family="gpt2", vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
-                 num_kv_heads=4, head_dim=8, intermediate_size=128, max_position_embeddings=64,
-                 norm_type="layernorm", norm_eps=1e-5, activation="gelu_new", gated_mlp=False,
-                 position_type="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                 tie_word_embeddings=True),
-}
 # 12 of 96 ids stop a row: with a near-uniform distribution each step ends a live row with
 # probability ~1/8, so lengths spread over [1, N] and a few rows run to N.
 STOPS = list(range(84, 96))
@@ -48,7 +39,7 @@ _MODELS = {}
 
 def _model(family="llama"):
   if family not in _MODELS:
-    cfg = models.ModelConfig(**FAMILIES[family])
+    cfg = models.ModelConfig(**FAMILY_CFGS[family]).replace(vocab_size=96)
     params = models.init(cfg, jax.random.key(0), kind="causal")
     _MODELS[family] = cfg, params
   return _MODELS[family]
